@@ -1,0 +1,149 @@
+//! One attention module for every variant, chosen by [`AttentionConfig`].
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+
+use crate::config::{AttentionConfig, AttentionKind, SketchKind};
+use crate::ops::{polysketch_causal, LocalExact, PolysketchBackend};
+use crate::reference::polynomial_attention;
+use crate::sketch::{LearnedSketch, RandomSketch};
+
+/// The attention kernel of one layer: maps per-head queries, keys and values (after RoPE) to
+/// per-head outputs, causally.
+///
+/// Which normalisations and sketches exist depends on the variant:
+/// - softmax: none;
+/// - polynomial, and polysketch with a random sketch without local blocks: one LayerNorm
+///   shared by queries and keys;
+/// - any polysketch with exact local blocks: separate LayerNorms for queries and keys;
+/// - random sketch: fixed projections drawn from `(sketch_seed, layer)`;
+/// - learned sketch: a trained network applied to the raw queries and keys.
+#[derive(Module, Debug)]
+pub struct AttentionKernel<B: Backend> {
+    #[module(skip)]
+    config: AttentionConfig,
+    norm: Option<LayerNorm<B>>,
+    norm_query: Option<LayerNorm<B>>,
+    norm_key: Option<LayerNorm<B>>,
+    random: Option<RandomSketch<B>>,
+    learned: Option<LearnedSketch<B>>,
+}
+
+impl<B: Backend> AttentionKernel<B> {
+    /// Builds the kernel of layer `layer`. The config must have passed
+    /// [`AttentionConfig::validate`].
+    pub fn new(
+        config: &AttentionConfig,
+        head_dim: usize,
+        layer: usize,
+        device: &B::Device,
+    ) -> Self {
+        let norm = || Some(LayerNormConfig::new(head_dim).with_epsilon(1e-5).init(device));
+        let polysketch = config.kind == AttentionKind::Polysketch;
+        let local = polysketch && config.local_exact;
+        let learned = polysketch && config.sketch == SketchKind::Learned;
+        let shared_norm =
+            config.kind == AttentionKind::Polynomial || (polysketch && !learned && !local);
+        Self {
+            config: config.clone(),
+            norm: if shared_norm { norm() } else { None },
+            norm_query: if local { norm() } else { None },
+            norm_key: if local { norm() } else { None },
+            random: (polysketch && !learned)
+                .then(|| RandomSketch::new(config, head_dim, layer, device)),
+            learned: learned.then(|| LearnedSketch::new(head_dim, config.sketch_dim, device)),
+        }
+    }
+
+    /// The settings this kernel was built from.
+    pub fn config(&self) -> &AttentionConfig {
+        &self.config
+    }
+
+    /// The fixed random sketch, if this variant has one.
+    pub fn random_sketch(&self) -> Option<&RandomSketch<B>> {
+        self.random.as_ref()
+    }
+
+    /// Sketch features of (possibly normalised) head vectors; the same map for queries and
+    /// keys.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, sketch_dim]`
+    ///
+    /// # Panics
+    /// If this kernel has no sketch.
+    pub fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match (&self.random, &self.learned) {
+            (Some(random), _) => random.forward(x),
+            (_, Some(learned)) => learned.forward(x),
+            _ => {
+                panic!("AttentionKernel::features: {:?} attention has no sketch", self.config.kind)
+            }
+        }
+    }
+}
+
+impl<B: PolysketchBackend> AttentionKernel<B> {
+    /// Causal attention of every head.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, head_dim]`
+    pub fn forward(
+        &self,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let config = &self.config;
+        match config.kind {
+            AttentionKind::Softmax => {
+                let options =
+                    AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+                attention(query, key, value, None, None, options)
+            }
+            AttentionKind::Polynomial => {
+                let norm = self.norm.as_ref().expect("polynomial attention has a shared norm");
+                polynomial_attention(norm.forward(query), norm.forward(key), value, config.degree)
+            }
+            AttentionKind::Polysketch => self.polysketch(query, key, value),
+        }
+    }
+
+    fn polysketch(
+        &self,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let config = &self.config;
+        let block_size = config.block_size;
+        match (&self.norm_query, &self.norm_key) {
+            (Some(norm_query), Some(norm_key)) => {
+                let query_hat = norm_query.forward(query.clone());
+                let key_hat = norm_key.forward(key.clone());
+                // the learned sketch normalises inside; the random one sketches q̂ and k̂
+                let (query_features, key_features) = if self.learned.is_some() {
+                    (self.features(query), self.features(key))
+                } else {
+                    (self.features(query_hat.clone()), self.features(key_hat.clone()))
+                };
+                let local = LocalExact { query: query_hat, key: key_hat, degree: config.degree };
+                polysketch_causal(query_features, key_features, value, Some(local), block_size)
+            }
+            _ => {
+                let (query, key) = match &self.norm {
+                    Some(norm) => (norm.forward(query), norm.forward(key)),
+                    None => (query, key),
+                };
+                polysketch_causal(self.features(query), self.features(key), value, None, block_size)
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The causal polysketch block algorithm as a Burn backend operation.
+//!
+//! The operation receives sketch features, not raw queries and keys, so the sketch networks stay
+//! ordinary modules and a fused kernel only has to implement the block algorithm itself.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+/// Exact local blocks: normalised queries and keys whose `degree`-th power of the dot product
+/// replaces the sketched weight inside each diagonal block.
+#[derive(Debug, Clone)]
+pub struct LocalExact<T> {
+    /// Normalised queries `q̂`, `[batch, heads, seq, head_dim]`.
+    pub query: T,
+    /// Normalised keys `k̂`, `[batch, heads, seq, head_dim]`.
+    pub key: T,
+    /// Even degree `p` of the exact local weight `(q̂·k̂)^p`.
+    pub degree: u32,
+}
+
+/// Backend extension with the causal polysketch block algorithm.
+///
+/// The provided body composes the algorithm from Burn tensor operations, so every backend gets a
+/// correct implementation that autodiff differentiates; a backend with fused kernels overrides
+/// it and falls back to [`polysketch_causal_composed`] for anything its kernels do not cover.
+pub trait PolysketchBackend: Backend {
+    /// Causal polysketch attention by blocks (ALGORITHM.md §4).
+    ///
+    /// Weights are `(φ(q_i)·φ(k_j))²` for `j ≤ i`, or `(q̂_i·k̂_j)^p` when `local` is given and
+    /// `i`, `j` share a block; the output is `Σ_j w_ij v_j / (1 + Σ_j w_ij)`.
+    ///
+    /// # Shapes
+    /// - `query_features`, `key_features`: `[batch, heads, seq, sketch_dim]`
+    /// - `value`: `[batch, heads, seq, head_dim]`
+    /// - `local`: queries and keys `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, head_dim]`
+    fn polysketch_causal(
+        query_features: FloatTensor<Self>,
+        key_features: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        local: Option<LocalExact<FloatTensor<Self>>>,
+        block_size: usize,
+    ) -> FloatTensor<Self> {
+        let wrap = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+        let local =
+            local.map(|l| LocalExact { query: wrap(l.query), key: wrap(l.key), degree: l.degree });
+        polysketch_causal_composed(
+            wrap(query_features),
+            wrap(key_features),
+            wrap(value),
+            local,
+            block_size,
+        )
+        .into_primitive()
+        .tensor()
+    }
+}
+
+impl PolysketchBackend for NdArray<f32> {}
+
+impl PolysketchBackend for NdArray<f64> {}
+
+impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff<B, C> {}
+
+/// Causal polysketch attention through the backend's implementation.
+///
+/// # Shapes
+/// - `query_features`, `key_features`: `[batch, heads, seq, sketch_dim]`
+/// - `value`: `[batch, heads, seq, head_dim]`
+/// - `local`: queries and keys `[batch, heads, seq, head_dim]`
+/// - returns `[batch, heads, seq, head_dim]`
+pub fn polysketch_causal<B: PolysketchBackend>(
+    query_features: Tensor<B, 4>,
+    key_features: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    local: Option<LocalExact<Tensor<B, 4>>>,
+    block_size: usize,
+) -> Tensor<B, 4> {
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let local =
+        local.map(|l| LocalExact { query: prim(l.query), key: prim(l.key), degree: l.degree });
+    let out = B::polysketch_causal(
+        prim(query_features),
+        prim(key_features),
+        prim(value),
+        local,
+        block_size,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Right-pads dimension 2 (`seq`) with zeros to `padded` rows.
+fn pad_seq<B: Backend>(x: Tensor<B, 4>, padded: usize) -> Tensor<B, 4> {
+    let [batch, heads, seq, dim] = x.dims();
+    if padded == seq {
+        return x;
+    }
+    let zeros = Tensor::zeros([batch, heads, padded - seq, dim], &x.device());
+    Tensor::cat(vec![x, zeros], 2)
+}
+
+/// Splits `[batch, heads, seq, dim]` into `[batch, heads, blocks, block_size, dim]`.
+fn into_blocks<B: Backend>(x: Tensor<B, 4>, block_size: usize) -> Tensor<B, 5> {
+    let [batch, heads, seq, dim] = x.dims();
+    x.reshape([batch, heads, seq / block_size, block_size, dim])
+}
+
+/// Row-wise self tensor product `x ⊗ x`, flattened.
+///
+/// # Shapes
+/// - `x`: `[batch, heads, blocks, block_size, sketch_dim]`
+/// - returns `[batch, heads, blocks, block_size, sketch_dim²]`
+fn self_tensor<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 5> {
+    let [batch, heads, blocks, block_size, r] = x.dims();
+    let outer = x.clone().unsqueeze_dim::<6>(5) * x.unsqueeze_dim::<6>(4);
+    outer.reshape([batch, heads, blocks, block_size, r * r])
+}
+
+/// The block algorithm composed from tensor operations: the reference every fused kernel is
+/// tested against, and the fallback of every backend.
+///
+/// # Shapes
+/// - `query_features`, `key_features`: `[batch, heads, seq, sketch_dim]`
+/// - `value`: `[batch, heads, seq, head_dim]`
+/// - `local`: queries and keys `[batch, heads, seq, head_dim]`
+/// - returns `[batch, heads, seq, head_dim]`
+///
+/// # Panics
+/// If `block_size` is zero or the shapes disagree.
+pub fn polysketch_causal_composed<B: Backend>(
+    query_features: Tensor<B, 4>,
+    key_features: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    local: Option<LocalExact<Tensor<B, 4>>>,
+    block_size: usize,
+) -> Tensor<B, 4> {
+    let [batch, heads, seq, sketch_dim] = query_features.dims();
+    let head_dim = value.dims()[3];
+    assert!(block_size > 0, "polysketch_causal: block_size must be positive");
+    assert_eq!(key_features.dims(), [batch, heads, seq, sketch_dim], "polysketch_causal: keys");
+    assert_eq!(value.dims()[..3], [batch, heads, seq], "polysketch_causal: values");
+    let device = value.device();
+    let block_size = block_size.min(seq.max(1));
+    let blocks = seq.div_ceil(block_size);
+    let padded = blocks * block_size;
+
+    // V' = [V, 1]: the last column accumulates the denominator
+    let ones = Tensor::ones([batch, heads, seq, 1], &device);
+    let value1 = Tensor::cat(vec![value, ones], 3);
+    let q = into_blocks(pad_seq(query_features, padded), block_size);
+    let k = into_blocks(pad_seq(key_features, padded), block_size);
+    let v = into_blocks(pad_seq(value1, padded), block_size);
+
+    // local part P_l = tril(W_l) V'_l, with sketched or exact weights inside the block
+    let weights = match &local {
+        Some(l) => {
+            let lq = into_blocks(pad_seq(l.query.clone(), padded), block_size);
+            let lk = into_blocks(pad_seq(l.key.clone(), padded), block_size);
+            lq.matmul(lk.swap_dims(3, 4)).powi_scalar(l.degree as i32)
+        }
+        None => q.clone().matmul(k.clone().swap_dims(3, 4)).powi_scalar(2),
+    };
+    let causal = Tensor::<B, 2>::ones([block_size, block_size], &device)
+        .tril(0)
+        .reshape([1, 1, 1, block_size, block_size]);
+    let local_part = (weights * causal).matmul(v.clone());
+
+    // block summaries H_l = Σ_{s∈l} φ(k_s)⊗φ(k_s)⊗v'_s
+    let summaries = self_tensor(k).swap_dims(3, 4).matmul(v);
+
+    // exclusive prefix Z_l = Σ_{j<l} H_j
+    let zero = Tensor::zeros([batch, heads, 1, sketch_dim * sketch_dim, head_dim + 1], &device);
+    let prefix = if blocks > 1 {
+        let earlier = summaries.narrow(2, 0, blocks - 1).cumsum(2);
+        Tensor::cat(vec![zero, earlier], 2)
+    } else {
+        zero
+    };
+
+    // R_l = P_l + (φ(Q_l)⊗φ(Q_l)) Z_l, then o = R[:, :h] / (1 + R[:, h])
+    let result = local_part + self_tensor(q).matmul(prefix);
+    let result = result.reshape([batch, heads, padded, head_dim + 1]).narrow(2, 0, seq);
+    let numerator = result.clone().narrow(3, 0, head_dim);
+    let denominator = result.narrow(3, head_dim, 1) + 1.0;
+    numerator / denominator
+}
