@@ -1,4 +1,4 @@
-//! The causal block algorithm against the naive masked product (ALGORITHM.md §7.1, 7.2, 7.5, 7.8).
+//! The causal block algorithm against the naive masked product (ALGORITHM.md §7.1, 7.2, 7.5).
 
 mod common;
 
@@ -222,27 +222,5 @@ fn outputs_never_depend_on_later_tokens() {
                 assert!(later.iter().all(|&v| v == 0.0), "local={local} t={t}: gradient leaks");
             }
         }
-    }
-}
-
-#[test]
-fn no_overflow_at_32k_tokens_in_f32() {
-    let (seq, head_dim, sketch_dim, block_size) = (32 * 1024, 64, 32, 256);
-    let feat = [1, 1, seq, sketch_dim];
-    let head = [1, 1, seq, head_dim];
-    // largest features the learned sketch can emit: |φ| ≤ sqrt(r); unit-variance q̂, k̂ as after LN
-    let root = (sketch_dim as f64).sqrt();
-    let qf = (randn::<B32>(feat, 1, 1.0).tanh() * root).require_grad();
-    let kf = (randn::<B32>(feat, 2, 1.0).tanh() * root).require_grad();
-    let v = randn::<B32>(head, 3, 1.0).require_grad();
-    let lq = randn::<B32>(head, 4, 1.0).require_grad();
-    let lk = randn::<B32>(head, 5, 1.0).require_grad();
-    let local = LocalExact { query: lq.clone(), key: lk.clone(), degree: 4 };
-    let out = polysketch_causal(qf.clone(), kf.clone(), v.clone(), Some(local), block_size);
-    assert!(values(out.clone()).iter().all(|v| v.is_finite()), "non-finite output");
-    let grads = out.sum().backward();
-    for (name, t) in [("qf", qf), ("kf", kf), ("v", v), ("lq", lq), ("lk", lk)] {
-        let g = values(t.grad(&grads).unwrap());
-        assert!(g.iter().all(|v| v.is_finite()), "non-finite gradient of {name}");
     }
 }

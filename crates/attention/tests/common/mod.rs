@@ -6,7 +6,8 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-/// Double precision, so references and fast paths can be compared tightly.
+/// Double precision, so references and fast paths can be compared tightly. Never mix with
+/// [`B32`] in one test binary: both share the CPU device and its default float type.
 pub type B64 = Autodiff<NdArray<f64>>;
 /// Single precision, as training runs.
 pub type B32 = Autodiff<NdArray<f32>>;
