@@ -65,6 +65,12 @@ impl PolysketchBackend for NdArray<f64> {}
 
 impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff<B, C> {}
 
+#[cfg(feature = "wgpu")]
+impl PolysketchBackend for burn::backend::Wgpu {}
+
+#[cfg(feature = "cuda")]
+impl PolysketchBackend for burn::backend::Cuda {}
+
 /// Causal polysketch attention through the backend's implementation.
 ///
 /// # Shapes
@@ -90,6 +96,26 @@ pub fn polysketch_causal<B: PolysketchBackend>(
         block_size,
     );
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `x^power` for a positive integer power by repeated squaring: plain multiplications, which
+/// are cheaper than a general power on every backend and differentiate exactly.
+pub(crate) fn int_power<B: Backend, const D: usize>(x: Tensor<B, D>, power: u32) -> Tensor<B, D> {
+    assert!(power > 0, "int_power: power must be positive");
+    let (mut result, mut base, mut rest) = (None::<Tensor<B, D>>, x, power);
+    loop {
+        if rest & 1 == 1 {
+            result = Some(match result {
+                Some(r) => r * base.clone(),
+                None => base.clone(),
+            });
+        }
+        rest >>= 1;
+        if rest == 0 {
+            return result.expect("power > 0 sets a bit");
+        }
+        base = base.clone() * base;
+    }
 }
 
 /// Right-pads dimension 2 (`seq`) with zeros to `padded` rows.
@@ -159,9 +185,9 @@ pub fn polysketch_causal_composed<B: Backend>(
         Some(l) => {
             let lq = into_blocks(pad_seq(l.query.clone(), padded), block_size);
             let lk = into_blocks(pad_seq(l.key.clone(), padded), block_size);
-            lq.matmul(lk.swap_dims(3, 4)).powi_scalar(l.degree as i32)
+            int_power(lq.matmul(lk.swap_dims(3, 4)), l.degree)
         }
-        None => q.clone().matmul(k.clone().swap_dims(3, 4)).powi_scalar(2),
+        None => int_power(q.clone().matmul(k.clone().swap_dims(3, 4)), 2),
     };
     let causal = Tensor::<B, 2>::ones([block_size, block_size], &device)
         .tril(0)

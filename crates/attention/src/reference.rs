@@ -7,7 +7,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::ops::LocalExact;
+use crate::ops::{int_power, LocalExact};
 
 /// `[seq, seq]` mask with ones where `keep(i, j)` holds, broadcast to rank 4.
 fn mask<B: Backend>(
@@ -43,7 +43,7 @@ pub fn polynomial_weights<B: Backend>(
 ) -> Tensor<B, 4> {
     let seq = query.dims()[2];
     let causal = mask(seq, &query.device(), |i, j| j <= i);
-    query.matmul(key.swap_dims(2, 3)).powi_scalar(degree as i32) * causal
+    int_power(query.matmul(key.swap_dims(2, 3)), degree) * causal
 }
 
 /// Exact causal polynomial attention of ALGORITHM.md §1, on normalised queries and keys.
@@ -78,12 +78,12 @@ pub fn polysketch_weights<B: Backend>(
 ) -> Tensor<B, 4> {
     let seq = query_features.dims()[2];
     let device = query_features.device();
-    let sketched = query_features.matmul(key_features.swap_dims(2, 3)).powi_scalar(2);
+    let sketched = int_power(query_features.matmul(key_features.swap_dims(2, 3)), 2);
     let weights = match local {
         None => sketched,
         Some(l) => {
             let same_block = mask(seq, &device, |i, j| i / block_size == j / block_size);
-            let exact = l.query.matmul(l.key.swap_dims(2, 3)).powi_scalar(l.degree as i32);
+            let exact = int_power(l.query.matmul(l.key.swap_dims(2, 3)), l.degree);
             exact * same_block.clone() + sketched * (same_block.neg() + 1.0)
         }
     };

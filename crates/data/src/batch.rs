@@ -103,9 +103,10 @@ impl WindowSampler {
     }
 }
 
-/// Cuts non-overlapping evaluation windows of `seq_len + 1` tokens (stride `seq_len`) from the
-/// start of `tokens` and groups them into batches of `batch_size` windows; the last batch may be
-/// smaller. At most `max_batches` batches are returned, all of them with `None`.
+/// Cuts non-overlapping evaluation windows of `seq_len + 1` tokens (stride `seq_len`) from
+/// `tokens` and groups them into batches of `batch_size` windows; the last batch may be smaller.
+/// With `max_batches`, at most that many batches are returned, of windows spread evenly over the
+/// whole stream so that every document is represented; with `None`, every window is used.
 ///
 /// # Errors
 /// [`DataError::InvalidParameter`] if `seq_len`, `batch_size` or `max_batches` is 0,
@@ -127,12 +128,12 @@ pub fn eval_batches(
     }
     // Window `i` covers tokens[i * seq_len ..= (i + 1) * seq_len].
     let n_windows = (tokens.len() - 1) / seq_len;
-    let n_batches = n_windows.div_ceil(batch_size).min(max_batches.unwrap_or(usize::MAX));
-    let batches = (0..n_batches)
-        .map(|b| {
-            let first = b * batch_size;
-            let last = (first + batch_size).min(n_windows);
-            let windows = (first..last).map(|i| &tokens[i * seq_len..(i + 1) * seq_len + 1]);
+    let take = n_windows.min(max_batches.map_or(usize::MAX, |m| m.saturating_mul(batch_size)));
+    let starts: Vec<usize> = (0..take).map(|j| j * n_windows / take * seq_len).collect();
+    let batches = starts
+        .chunks(batch_size)
+        .map(|chunk| {
+            let windows = chunk.iter().map(|&s| &tokens[s..s + seq_len + 1]);
             TokenBatch::from_windows(windows, seq_len)
         })
         .collect();
@@ -227,6 +228,10 @@ mod tests {
         assert_eq!(batches[0].inputs[10], 10);
         assert_eq!(*batches[2].targets.last().unwrap(), 100);
         assert_eq!(eval_batches(&tokens, 10, 4, Some(2)).unwrap().len(), 2);
+        // a limited evaluation spreads its windows over the whole stream
+        let spread = eval_batches(&tokens, 10, 4, Some(1)).unwrap();
+        let starts: Vec<i64> = (0..4).map(|w| spread[0].inputs[w * 10]).collect();
+        assert_eq!(starts, [0, 20, 50, 70]);
         assert_eq!(eval_batches(&tokens[..100], 10, 4, None).unwrap().len(), 3);
         let one = eval_batches(&tokens[..11], 10, 4, None).unwrap();
         assert_eq!((one.len(), one[0].batch_size), (1, 1));

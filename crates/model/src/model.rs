@@ -142,9 +142,12 @@ impl<B: Backend> LanguageModel<B> {
                 feed_forward: GluFeedForward::new(dims, dropout, device),
             })
             .collect();
-        // N(0, 0.02) embeddings as in GPT-2: Burn's default N(0, 1) saturates the tied logits
+        // N(0, 1/d_model) embeddings, scaled by sqrt(d_model) on input (as in the original
+        // Transformer): token vectors then match the unit-size sinusoids they are added to,
+        // and the tied logits start with unit variance
+        let std = 1.0 / (dims.d_model as f64).sqrt();
         let embedding = EmbeddingConfig::new(dims.vocab, dims.d_model)
-            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std })
             .init(device);
         Self {
             embedding,
@@ -182,7 +185,9 @@ impl<B: PolysketchBackend> LanguageModel<B> {
             "LanguageModel::forward: seq {seq} > max_seq {}",
             self.max_seq
         );
-        let mut x = self.positions.forward(self.embedding.forward(tokens));
+        let d_model = self.embedding.weight.dims()[1];
+        let tokens = self.embedding.forward(tokens) * (d_model as f64).sqrt();
+        let mut x = self.positions.forward(tokens);
         for block in &self.blocks {
             x = x.clone() + block.attention.forward(block.norm_attention.forward(x));
             x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
