@@ -98,7 +98,7 @@ impl AttentionConfig {
         if self.kind == AttentionKind::Softmax {
             return Ok(());
         }
-        if self.degree < 2 || self.degree % 2 != 0 {
+        if self.degree < 2 || !self.degree.is_multiple_of(2) {
             return Err(invalid(
                 "degree",
                 format!(

@@ -121,7 +121,7 @@ fn weights_are_non_negative_and_denominators_at_least_one_for_adversarial_inputs
                 let fq = kernel.features(q.clone());
                 let fk = kernel.features(k.clone());
                 let w = values(polysketch_weights(fq, fk, None, c.block_size));
-                let bad: Vec<_> = w.iter().filter(|&&x| !(x >= 0.0)).take(3).collect();
+                let bad: Vec<_> = w.iter().filter(|&&x| x < 0.0 || x.is_nan()).take(3).collect();
                 assert!(bad.is_empty(), "{what}: negative sketched weight {bad:?}");
             } else {
                 let w = values(polynomial_weights(q.clone(), k.clone(), c.degree));

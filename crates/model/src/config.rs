@@ -122,7 +122,7 @@ impl ModelConfig {
                 return invalid(key, format!("must be at least 1, got {value}"));
             }
         }
-        if dims.d_model % dims.heads != 0 {
+        if !dims.d_model.is_multiple_of(dims.heads) {
             return invalid(
                 "heads",
                 format!(
@@ -131,7 +131,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if dims.head_dim() % 2 != 0 {
+        if !dims.head_dim().is_multiple_of(2) {
             return invalid(
                 "heads",
                 format!(
