@@ -105,6 +105,8 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Checkpoints kept on disk, newest first.
     pub keep_checkpoints: usize,
+    /// Skip an optimizer step whose loss or gradient is not finite instead of stopping.
+    pub skip_nonfinite_steps: bool,
 }
 
 impl Default for TrainSection {
@@ -127,6 +129,7 @@ impl Default for TrainSection {
             eval_batches: 8,
             checkpoint_every: 100,
             keep_checkpoints: 3,
+            skip_nonfinite_steps: false,
         }
     }
 }

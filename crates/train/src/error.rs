@@ -21,6 +21,9 @@ pub enum CliError {
     /// A device that this binary or this machine cannot provide.
     #[error("device error: {0}")]
     Device(String),
+    /// Stopped by Ctrl-C or SIGTERM after saving a checkpoint.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// Training went numerically wrong.
     #[error("training stopped: {0}")]
     Diverged(String),

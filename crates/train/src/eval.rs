@@ -43,7 +43,7 @@ where
     let config = run.load_config()?;
     let say = |s: &str| eprintln!("{s}");
     let corpus = prepare_corpus(&config, TokenizerSource::File(&run.tokenizer_path()), &say)?;
-    let (model, state) =
+    let (model, state, _) =
         load_checkpoint::<B::InnerBackend>(&run, &config, &corpus.tokenizer, &device)?;
     let t = &config.train;
     let batches = eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, max_batches)?;

@@ -80,7 +80,7 @@ where
     let run = RunDir::new(run_dir);
     let config = run.load_config()?;
     let tokenizer = polysketch_data::TextTokenizer::from_file(&run.tokenizer_path())?;
-    let (model, _) = load_checkpoint::<B::InnerBackend>(&run, &config, &tokenizer, &device)?;
+    let (model, _, _) = load_checkpoint::<B::InnerBackend>(&run, &config, &tokenizer, &device)?;
     let prompt = match &options.prompt {
         Some(p) => p.clone(),
         None => {

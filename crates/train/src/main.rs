@@ -5,6 +5,7 @@ mod config;
 mod error;
 mod eval;
 mod generate;
+mod grads;
 mod progress;
 mod run_dir;
 mod session;
@@ -141,7 +142,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e {
+                CliError::Interrupted(_) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -188,6 +188,44 @@ impl RunDir {
         Ok((state, read("model.bin")?, dir))
     }
 
+    /// Removes checkpoint folders that a crash left half written.
+    pub fn remove_partial_checkpoints(&self) -> Result<(), CliError> {
+        let dir = self.checkpoints_dir();
+        let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let path = entry.path();
+                fs::remove_dir_all(&path).map_err(|e| CliError::io("remove", &path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops records after `step` (and any line a crash cut short) from `metrics.jsonl`, so a
+    /// resumed run continues the log without duplicates.
+    pub fn truncate_metrics(&self, step: u64) -> Result<(), CliError> {
+        let path = self.metrics_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(CliError::io("read", &path, e)),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        if kept.len() != text.len() {
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Opens `metrics.jsonl` for appending.
     pub fn metrics(&self) -> Result<MetricsLog, CliError> {
         let path = self.metrics_path();

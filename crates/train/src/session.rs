@@ -1,12 +1,14 @@
 //! What every command needs: the corpus with its tokenizer, and models built or restored from a
 //! run.
 
-use std::path::Path;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 use polysketch_data::{
     load_corpus_dir, load_or_build_tokens, split_documents, TextTokenizer, TokenSplits,
 };
@@ -99,31 +101,86 @@ pub fn fingerprint_hex(tokenizer: &TextTokenizer) -> String {
     format!("{:016x}", tokenizer.fingerprint())
 }
 
-/// Restores the newest checkpoint of a run.
+/// Runs `f`, turning a panic into `Err` without printing it: Burn panics instead of returning
+/// errors on some damaged records, and a damaged checkpoint is user input.
+pub fn without_panics<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    std::panic::set_hook(previous_hook);
+    result.map_err(|_| ())
+}
+
+/// Decodes a checkpoint file's bytes into a record.
+pub fn load_record_bytes<R: burn::record::Record<B>, B: Backend>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+) -> Result<R, String> {
+    without_panics(|| CheckpointRecorder::default().load(bytes, device))
+        .map_err(|_| "it is truncated or not a checkpoint".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Shapes of every float parameter and state tensor, in visiting order.
+struct Shapes(Vec<Vec<usize>>);
+
+impl<B: Backend> ModuleVisitor<B> for Shapes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.val().dims().to_vec());
+    }
+}
+
+fn shapes<B: Backend>(model: &LanguageModel<B>) -> Vec<Vec<usize>> {
+    let mut shapes = Shapes(Vec::new());
+    model.visit(&mut shapes);
+    shapes.0
+}
+
+/// Restores the newest checkpoint of a run: the model, its progress and the checkpoint folder.
 pub fn load_checkpoint<B: Backend>(
     run: &RunDir,
     config: &RunConfig,
     tokenizer: &TextTokenizer,
     device: &B::Device,
-) -> Result<(LanguageModel<B>, TrainState), CliError> {
+) -> Result<(LanguageModel<B>, TrainState, PathBuf), CliError> {
     let (state, bytes, dir) = run.latest_checkpoint()?;
     if state.tokenizer_fingerprint != fingerprint_hex(tokenizer)
         || state.vocab != tokenizer.vocab_size()
     {
         return Err(CliError::Run(format!(
-            "the tokenizer `{}` is not the one checkpoint `{}` was trained with; restore the \
-             run's original tokenizer.json",
+            "the tokenizer `{}` ({} tokens) is not the one checkpoint `{}` was trained with \
+             ({} tokens); restore the run's original tokenizer.json",
             run.tokenizer_path().display(),
-            dir.display()
+            tokenizer.vocab_size(),
+            dir.display(),
+            state.vocab
         )));
     }
     let dims = model_dims(config, tokenizer)?;
-    let record = CheckpointRecorder::default().load(bytes, device).map_err(|e| {
+    let damaged = |what: String| {
         CliError::Run(format!(
-            "cannot read `{}`: {e}; the file is damaged, delete that checkpoint folder to fall \
-             back to the previous one",
+            "cannot load `{}`: {what}; the file is damaged or from another model, delete that \
+             checkpoint folder to fall back to the previous one",
             dir.join("model.bin").display()
         ))
-    })?;
-    Ok((new_model(config, &dims, device).load_record(record), state))
+    };
+    let record = load_record_bytes(bytes, device).map_err(damaged)?;
+    let fresh = new_model(config, &dims, device);
+    let expected = shapes(&fresh);
+    let model = without_panics(|| fresh.load_record(record))
+        .map_err(|_| damaged("its contents do not fit this model".into()))?;
+    let found = shapes(&model);
+    if found != expected {
+        return Err(CliError::Run(format!(
+            "checkpoint `{}` holds a model of another shape than `{}` describes \
+             ({} tensors, first difference {:?} vs {:?}); evaluate it with the config it was \
+             trained with",
+            dir.display(),
+            run.config_path().display(),
+            found.len(),
+            found.iter().zip(&expected).find(|(a, b)| a != b).map(|(a, _)| a),
+            found.iter().zip(&expected).find(|(a, b)| a != b).map(|(_, b)| b),
+        )));
+    }
+    Ok((model, state, dir))
 }

@@ -1,13 +1,15 @@
 //! `polysketch train`: the training loop.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::ElementConversion;
 use polysketch_attention::PolysketchBackend;
 use polysketch_data::{eval_batches, TokenBatch, WindowSampler};
 use polysketch_model::LanguageModel;
@@ -16,10 +18,12 @@ use serde_json::json;
 use crate::config::{RunConfig, Schedule};
 use crate::error::CliError;
 use crate::eval::mean_loss;
+use crate::grads::clip_global_norm;
 use crate::progress::{format_duration, Progress};
 use crate::run_dir::{write_atomic, RunDir, TrainState};
 use crate::session::{
-    fingerprint_hex, model_dims, new_model, prepare_corpus, CheckpointRecorder, TokenizerSource,
+    fingerprint_hex, load_checkpoint, load_record_bytes, model_dims, new_model, prepare_corpus,
+    CheckpointRecorder, Corpus, TokenizerSource,
 };
 
 /// Learning rate at `step`: linear warmup from zero, then the configured decay to `min_lr`.
@@ -39,59 +43,68 @@ pub fn learning_rate(config: &RunConfig, step: u64) -> f64 {
     }
 }
 
-/// Collects `Σ ‖g‖²` over every parameter that has a gradient.
-struct GradSquares<'a, B: AutodiffBackend> {
-    grads: &'a GradientsParams,
-    sums: Vec<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradSquares<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.sums.push(g.powi_scalar(2).sum());
-        }
-    }
-}
-
-/// Multiplies every gradient by `factor`.
-struct GradScale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradScale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register(param.id, g * self.factor);
-        }
-    }
-}
-
-/// Global gradient norm over all parameters; scales the gradients down to `max_norm` when it is
-/// larger (and `max_norm > 0`). Returns the norm before clipping.
-fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    max_norm: f64,
-) -> f64 {
-    let mut squares = GradSquares::<B> { grads, sums: Vec::new() };
-    model.visit(&mut squares);
-    if squares.sums.is_empty() {
-        return 0.0;
-    }
-    let norm: f64 = Tensor::cat(squares.sums, 0).sum().sqrt().into_scalar().elem();
-    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
-        model.visit(&mut GradScale { grads, factor: max_norm / norm });
-    }
-    norm
-}
-
 /// Options of `polysketch train` beyond the config.
 pub struct TrainOptions {
     /// Continue the newest checkpoint of the run directory.
     pub resume: bool,
     /// Name of the device, for the settings table.
     pub device_name: String,
+}
+
+/// Set by Ctrl-C or SIGTERM: the loop saves a checkpoint after the current step and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// First signal: stop after the current step with a checkpoint. Second: exit at once.
+fn install_signal_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (again to exit at once)");
+    });
+}
+
+/// Seed of step `step`: dropout and any other randomness of a step depend on the run's seed
+/// and the step alone, so a resumed run draws what the uninterrupted one would have.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
+}
+
+/// Everything the loop carries between steps.
+struct Trainer<B: AutodiffBackend, O> {
+    model: LanguageModel<B>,
+    optim: O,
+    state: TrainState,
+}
+
+/// Fails early when either split is shorter than one window.
+fn check_windows(corpus: &Corpus, config: &RunConfig) -> Result<(), CliError> {
+    let needed = config.train.seq_len + 1;
+    for (split, tokens) in [("training", &corpus.splits.train), ("validation", &corpus.splits.val)]
+    {
+        if tokens.len() < needed {
+            let err = polysketch_data::DataError::CorpusTooShort { tokens: tokens.len(), needed };
+            return Err(CliError::Config(format!("the {split} split: {err}")));
+        }
+    }
+    Ok(())
+}
+
+/// Writes model, optimizer state and progress as the run's newest checkpoint.
+fn save<B, O>(run: &RunDir, trainer: &Trainer<B, O>, keep: usize) -> Result<PathBuf, CliError>
+where
+    B: AutodiffBackend,
+    O: Optimizer<LanguageModel<B>, B>,
+{
+    let recorder = CheckpointRecorder::default();
+    let model = recorder
+        .record(trainer.model.clone().into_record(), ())
+        .map_err(|e| CliError::Run(format!("cannot encode the model: {e}")))?;
+    let optimizer = recorder
+        .record(trainer.optim.to_record(), ())
+        .map_err(|e| CliError::Run(format!("cannot encode the optimizer: {e}")))?;
+    run.save_checkpoint(&trainer.state, &model, &optimizer, keep)
 }
 
 /// Trains a model as `config` says, in its run directory.
@@ -102,49 +115,63 @@ where
 {
     let run = RunDir::new(&config.run.dir);
     let say = |s: &str| println!("{s}");
-    let corpus = if options.resume {
+    let resume = options.resume;
+    let has_tokenizer = resume && run.tokenizer_path().is_file();
+    let corpus = if has_tokenizer {
         prepare_corpus(&config, TokenizerSource::File(&run.tokenizer_path()), &say)?
     } else {
         // data problems surface before anything is written into the run directory
-        run.check_free()?;
+        if !resume {
+            run.check_free()?;
+        }
         let corpus = prepare_corpus(&config, TokenizerSource::FromConfig, &say)?;
-        run.create(&config)?;
+        check_windows(&corpus, &config)?;
+        if !resume {
+            run.create(&config)?;
+        }
         corpus.tokenizer.save(&run.tokenizer_path())?;
         corpus
     };
+    run.remove_partial_checkpoints()?;
     let t = &config.train;
     let dims = model_dims(&config, &corpus.tokenizer)?;
     B::seed(&device, config.run.seed);
 
-    let mut optim = AdamWConfig::new()
+    let optim = AdamWConfig::new()
         .with_beta_1(t.beta1 as f32)
         .with_beta_2(t.beta2 as f32)
         .with_epsilon(1e-8)
         .with_weight_decay(t.weight_decay as f32)
         .init::<B, LanguageModel<B>>();
-    let recorder = CheckpointRecorder::default();
-    let (mut model, mut state) = if options.resume {
-        let (model, state) =
-            crate::session::load_checkpoint::<B>(&run, &config, &corpus.tokenizer, &device)?;
-        let (_, _, dir) = run.latest_checkpoint()?;
+    let fresh_state = TrainState {
+        step: 0,
+        tokens_seen: 0,
+        tokenizer_fingerprint: fingerprint_hex(&corpus.tokenizer),
+        vocab: corpus.tokenizer.vocab_size(),
+    };
+    let mut trainer = if resume && !run.checkpoint_steps()?.is_empty() {
+        let (model, state, dir) = load_checkpoint::<B>(&run, &config, &corpus.tokenizer, &device)?;
         let path = dir.join("optimizer.bin");
         let bytes = std::fs::read(&path).map_err(|e| CliError::io("read", &path, e))?;
-        let record = recorder.load(bytes, &device).map_err(|e| {
-            CliError::Run(format!("cannot read `{}`: {e}; the file is damaged", path.display()))
+        let record = load_record_bytes(bytes, &device).map_err(|e| {
+            CliError::Run(format!(
+                "cannot read `{}`: {e}; the checkpoint is damaged, delete `{}` to fall back to \
+                 the previous one",
+                path.display(),
+                dir.display()
+            ))
         })?;
-        optim = optim.load_record(record);
-        (model, state)
+        say(&format!("resuming from `{}` at step {}", dir.display(), state.step));
+        Trainer { model, optim: optim.load_record(record), state }
     } else {
-        let state = TrainState {
-            step: 0,
-            tokens_seen: 0,
-            tokenizer_fingerprint: fingerprint_hex(&corpus.tokenizer),
-            vocab: corpus.tokenizer.vocab_size(),
-        };
-        (new_model::<B>(&config, &dims, &device), state)
+        if resume {
+            say("no checkpoint yet: starting the run from step 0");
+        }
+        Trainer { model: new_model::<B>(&config, &dims, &device), optim, state: fresh_state }
     };
+    run.truncate_metrics(trainer.state.step)?;
 
-    let params = model.num_params();
+    let params = trainer.model.num_params();
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
     println!("settings:");
     print!(
@@ -163,16 +190,16 @@ where
     let val_batches =
         eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, Some(t.eval_batches))?;
     let mut metrics = run.metrics()?;
-    let progress = Progress::new(state.step, t.steps);
+    let progress = Progress::new(trainer.state.step, t.steps);
+    install_signal_handler();
     let mut window_start = Instant::now();
-    let mut window_tokens = 0u64;
-    let mut window_loss = 0.0;
-    let mut window_steps = 0u64;
+    let (mut window_tokens, mut window_loss, mut window_steps) = (0u64, 0.0, 0u64);
     let mut last_val = None;
-
-    while state.step < t.steps {
-        let step = state.step;
+    let mut skipped_in_a_row = 0;
+    while trainer.state.step < t.steps {
+        let step = trainer.state.step;
         let lr = learning_rate(&config, step);
+        B::seed(&device, step_seed(config.run.seed, step));
 
         // gradients of grad_accum micro-batches, summed, each loss scaled by 1/grad_accum
         let mut accumulator = GradientsAccumulator::new();
@@ -180,37 +207,53 @@ where
         for micro in 0..t.grad_accum {
             let batch = sampler.batch(step * t.grad_accum as u64 + micro as u64, t.batch_size);
             let (inputs, targets) = batch.to_tensors::<B>(&device);
-            let loss = model.loss(inputs, targets) / t.grad_accum as f64;
+            let loss = trainer.model.loss(inputs, targets) / t.grad_accum as f64;
             step_loss += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let grads = GradientsParams::from_grads(loss.backward(), &trainer.model);
+            accumulator.accumulate(&trainer.model, grads);
         }
         let mut grads = accumulator.grads();
-        let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, t.grad_clip);
-        if !step_loss.is_finite() || !grad_norm.is_finite() {
+        let grad_norm = clip_global_norm::<B, _>(&trainer.model, &mut grads, t.grad_clip);
+        let finite = step_loss.is_finite() && grad_norm.is_finite();
+        if !finite && !t.skip_nonfinite_steps {
             return Err(CliError::Diverged(format!(
                 "the loss ({step_loss}) or gradient norm ({grad_norm}) is not finite at step {}; \
                  the last checkpoint in `{}` is intact; lower train.lr or raise \
-                 train.warmup_steps and resume",
+                 train.warmup_steps and resume, or set train.skip_nonfinite_steps = true",
                 step + 1,
                 run.checkpoints_dir().display()
             )));
         }
-        model = optim.step(lr, model, grads);
-        state.step += 1;
-        state.tokens_seen += tokens_per_step;
+        if finite {
+            skipped_in_a_row = 0;
+            trainer.model = trainer.optim.step(lr, trainer.model, grads);
+        } else {
+            skipped_in_a_row += 1;
+            progress
+                .line(&format!("step {}: non-finite loss or gradient, update skipped", step + 1));
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                return Err(CliError::Diverged(format!(
+                    "{MAX_SKIPPED_IN_A_ROW} steps in a row had a non-finite loss or gradient \
+                     (last: step {}); lower train.lr and resume from `{}`",
+                    step + 1,
+                    run.checkpoints_dir().display()
+                )));
+            }
+        }
+        trainer.state.step += 1;
+        trainer.state.tokens_seen += tokens_per_step;
         window_tokens += tokens_per_step;
         window_loss += step_loss;
         window_steps += 1;
 
-        let done = state.step;
+        let done = trainer.state.step;
         if done % t.log_every == 0 || done == t.steps {
             let elapsed = window_start.elapsed().as_secs_f64();
             let tokens_per_sec = window_tokens as f64 / elapsed.max(1e-9);
             let loss = window_loss / window_steps as f64;
             metrics.write(&json!({
                 "step": done, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-                "grad_norm": grad_norm, "tokens": state.tokens_seen,
+                "grad_norm": grad_norm, "tokens": trainer.state.tokens_seen,
             }))?;
             let summary = format!("loss {loss:.4} | {tokens_per_sec:.0} tok/s");
             let line = format!(
@@ -226,7 +269,7 @@ where
         }
 
         if done % t.eval_every == 0 || done == t.steps {
-            let val_loss = validate(&model, &val_batches, &device);
+            let val_loss = validate(&trainer.model, &val_batches, &device);
             let val_ppl = val_loss.exp();
             metrics.write(&json!({"step": done, "val_loss": val_loss, "val_ppl": val_ppl}))?;
             let trend = match last_val {
@@ -239,28 +282,32 @@ where
             ));
             last_val = Some(val_loss);
         }
-        if done % t.checkpoint_every == 0 || done == t.steps {
-            let model_bytes = recorder
-                .record(model.clone().into_record(), ())
-                .map_err(|e| CliError::Run(format!("cannot encode the model: {e}")))?;
-            let optim_bytes = recorder
-                .record(optim.to_record(), ())
-                .map_err(|e| CliError::Run(format!("cannot encode the optimizer: {e}")))?;
-            let path =
-                run.save_checkpoint(&state, &model_bytes, &optim_bytes, t.keep_checkpoints)?;
+        let stop = STOP.load(Ordering::SeqCst);
+        if done % t.checkpoint_every == 0 || done == t.steps || stop {
+            let path = save(&run, &trainer, t.keep_checkpoints)?;
             progress.line(&format!("checkpoint: {}", path.display()));
+        }
+        if stop {
+            progress.finish();
+            return Err(CliError::Interrupted(format!(
+                "stopped at step {done}; continue with `polysketch train --resume {}`",
+                run.root().display()
+            )));
         }
     }
     progress.finish();
-    write_atomic(&run.root().join("DONE"), format!("{}\n", state.step).as_bytes())?;
+    write_atomic(&run.root().join("DONE"), format!("{}\n", trainer.state.step).as_bytes())?;
     println!(
         "done: {} steps, {} tokens; run directory `{}`",
-        state.step,
-        state.tokens_seen,
+        trainer.state.step,
+        trainer.state.tokens_seen,
         run.root().display()
     );
     Ok(())
 }
+
+/// Non-finite steps skipped in a row before a run with `skip_nonfinite_steps` gives up.
+const MAX_SKIPPED_IN_A_ROW: u32 = 10;
 
 /// Mean validation loss of the model without autodiff.
 fn validate<B>(model: &LanguageModel<B>, batches: &[TokenBatch], device: &B::Device) -> f64
@@ -289,23 +336,5 @@ mod tests {
         assert!((learning_rate(&config, 110) - 0.1).abs() < 1e-12);
         config.train.schedule = Schedule::Linear;
         assert!((learning_rate(&config, 35) - 0.775).abs() < 1e-12);
-    }
-
-    #[test]
-    fn global_norm_clipping_scales_all_gradients_together() {
-        use burn::backend::{Autodiff, NdArray};
-        type AD = Autodiff<NdArray<f32>>;
-        let device = Default::default();
-        let a = Param::from_tensor(Tensor::<AD, 1>::from_floats([3.0], &device));
-        let b = Param::from_tensor(Tensor::<AD, 1>::from_floats([4.0], &device));
-        let model = (a, b);
-        // loss = 3a + 4b, so the gradients are 3 and 4: global norm 5
-        let loss = model.0.val() * 3.0 + model.1.val() * 4.0;
-        let mut grads = GradientsParams::from_grads(loss.sum().backward(), &model);
-        let norm = clip_global_norm::<AD, _>(&model, &mut grads, 1.0);
-        assert!((norm - 5.0).abs() < 1e-5);
-        let ga: f32 = grads.get::<NdArray<f32>, 1>(model.0.id).unwrap().into_scalar();
-        let gb: f32 = grads.get::<NdArray<f32>, 1>(model.1.id).unwrap().into_scalar();
-        assert!((ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5, "{ga} {gb}");
     }
 }
