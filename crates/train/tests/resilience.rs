@@ -135,7 +135,7 @@ fn resumed_losses_equal_the_uninterrupted_run_step_for_step() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     let s = Scratch::new("sigint");
-    let mut child = bin()
+    let child = bin()
         .args(["train", "--config", &s.arg("config.toml"), "--set", "train.steps=1000000"])
         .args(["--set", "train.checkpoint_every=1000000"])
         .stdout(Stdio::null())
