@@ -1,99 +1,48 @@
 //! Checkpoints, exact resume, interruption and damaged files: the binary must never lose a
 //! run or answer with a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::*;
 
 const TEXT: &str = "the king said to his son that a ship sailed over the sea and every man on \
 board was glad of the light when morning came slowly across the hills where an old woman \
 lived with three cats and a dog who barked at the moon ";
 
-/// A scratch folder with a small corpus and a tiny config, removed when dropped.
-struct Scratch {
-    root: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let root =
-            std::env::temp_dir().join(format!("polysketch-res-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("texts")).unwrap();
-        for doc in 0..3 {
-            let words: Vec<&str> = TEXT.split(' ').collect();
-            let text: String = (0..4000)
-                .map(|i| words[(i * 7 + doc * 3 + i / 13) % words.len()])
-                .collect::<Vec<_>>()
-                .join(" ");
-            std::fs::write(root.join("texts").join(format!("doc{doc}.txt")), text).unwrap();
-        }
-        let config = format!(
-            "[run]\ndir = \"{run}\"\n[data]\ndir = \"{texts}\"\nvocab_size = 280\n\
-             val_fraction = 0.3\ncache_dir = \"{cache}\"\n[model]\nlayers = 1\nd_model = 32\n\
-             heads = 2\ndropout = 0.1\n[model.attention]\nsketch_dim = 4\nblock_size = 8\n\
-             [train]\nseq_len = 32\nbatch_size = 4\nsteps = 8\nwarmup_steps = 2\nlog_every = 1\n\
-             eval_every = 4\neval_batches = 1\ncheckpoint_every = 4\nkeep_checkpoints = 5\n",
-            run = root.join("run").display(),
-            texts = root.join("texts").display(),
-            cache = root.join("cache").display(),
-        );
-        std::fs::write(root.join("config.toml"), config).unwrap();
-        Self { root }
+/// A scratch folder with a small corpus and a tiny config (dropout on, so resuming must
+/// reproduce the random masks too).
+fn scratch(name: &str) -> Scratch {
+    let s = Scratch::new(name);
+    let words: Vec<&str> = TEXT.split(' ').collect();
+    for doc in 0..3 {
+        let text: String = (0..4000)
+            .map(|i| words[(i * 7 + doc * 3 + i / 13) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ");
+        s.write(&format!("texts/doc{doc}.txt"), text);
     }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
-    }
-
-    fn arg(&self, rel: &str) -> String {
-        self.path(rel).display().to_string()
-    }
-
-    fn train(&self, sets: &[&str]) -> Output {
-        let mut args = vec!["train".to_string(), "--config".into(), self.arg("config.toml")];
-        for set in sets {
-            args.extend(["--set".to_string(), set.to_string()]);
-        }
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_polysketch"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run polysketch")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed: {}", text(&out.stderr));
-}
-
-fn assert_fails(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(err.contains("error:") && err.contains(needle), "stderr lacks `{needle}`: {err}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    let config = format!(
+        "[run]\ndir = \"{run}\"\n[data]\ndir = \"{texts}\"\nvocab_size = 280\n\
+         val_fraction = 0.3\ncache_dir = \"{cache}\"\n[model]\nlayers = 1\nd_model = 32\n\
+         heads = 2\ndropout = 0.1\n[model.attention]\nsketch_dim = 4\nblock_size = 8\n\
+         [train]\nseq_len = 32\nbatch_size = 4\nsteps = 8\nwarmup_steps = 2\nlog_every = 1\n\
+         eval_every = 4\neval_batches = 1\ncheckpoint_every = 4\nkeep_checkpoints = 5\n",
+        run = s.path("run").display(),
+        texts = s.path("texts").display(),
+        cache = s.path("cache").display(),
+    );
+    s.write("config.toml", config);
+    s
 }
 
 /// `(step, loss)` of every logging record.
 fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    metrics(run)
+        .into_iter()
         .filter(|v| v.get("loss").is_some())
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
@@ -114,7 +63,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn resumed_losses_equal_the_uninterrupted_run_step_for_step() {
-    let s = Scratch::new("exact");
+    let s = scratch("exact");
     assert_ok(&s.train(&[]), "train");
     let full = losses(&s.path("run"));
     assert_eq!(full.len(), 8);
@@ -134,7 +83,7 @@ fn resumed_losses_equal_the_uninterrupted_run_step_for_step() {
 
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_130() {
-    let s = Scratch::new("sigint");
+    let s = scratch("sigint");
     let child = bin()
         .args(["train", "--config", &s.arg("config.toml"), "--set", "train.steps=1000000"])
         .args(["--set", "train.checkpoint_every=1000000"])
@@ -160,7 +109,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
 
 #[test]
 fn sigkill_at_random_moments_never_costs_the_run() {
-    let s = Scratch::new("sigkill");
+    let s = scratch("sigkill");
     let sets = ["train.steps=60", "train.checkpoint_every=3", "train.eval_every=20"];
     let mut args = vec!["train".to_string(), "--config".into(), s.arg("config.toml")];
     for set in sets {
@@ -199,7 +148,7 @@ fn sigkill_at_random_moments_never_costs_the_run() {
 
 #[test]
 fn damaged_or_foreign_files_get_clear_errors() {
-    let s = Scratch::new("damaged");
+    let s = scratch("damaged");
     assert_ok(&s.train(&[]), "train");
     let run_dir = s.arg("run");
     let eval = || run(&["eval", "--run", &run_dir, "--max-batches", "1"]);
@@ -240,7 +189,7 @@ fn damaged_or_foreign_files_get_clear_errors() {
 
 #[test]
 fn divergence_stops_with_the_step_and_keeps_the_last_checkpoint() {
-    let s = Scratch::new("diverge");
+    let s = scratch("diverge");
     let out =
         s.train(&["train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.min_lr=0"]);
     assert_fails(&out, "not finite at step");
@@ -258,7 +207,7 @@ fn divergence_stops_with_the_step_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn bad_corpora_are_reported() {
-    let s = Scratch::new("corpus");
+    let s = scratch("corpus");
     std::fs::create_dir_all(s.path("short")).unwrap();
     std::fs::write(s.path("short/a.txt"), "a few words only").unwrap();
     std::fs::write(s.path("short/b.txt"), "and a few more").unwrap();
