@@ -19,6 +19,7 @@ pub enum DeviceKind {
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
 
 /// Error for a device whose cargo feature was not compiled in.
+#[cfg(not(all(feature = "wgpu", feature = "cuda")))]
 pub fn not_built(kind: DeviceKind) -> CliError {
     let feature = match kind {
         DeviceKind::Cpu => "",

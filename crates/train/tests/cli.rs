@@ -20,7 +20,7 @@ fn scratch(name: &str) -> Scratch {
         for _ in 0..1500 {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             text.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
-            text.push(if (state >> 20) % 11 == 0 { '\n' } else { ' ' });
+            text.push(if (state >> 20).is_multiple_of(11) { '\n' } else { ' ' });
         }
         s.write(&format!("texts/doc{doc}.txt"), text);
     }
