@@ -25,12 +25,12 @@ use crate::sketch::{LearnedSketch, RandomSketch};
 #[derive(Module, Debug)]
 pub struct AttentionKernel<B: Backend> {
     #[module(skip)]
-    config: AttentionConfig,
-    norm: Option<LayerNorm<B>>,
-    norm_query: Option<LayerNorm<B>>,
-    norm_key: Option<LayerNorm<B>>,
-    random: Option<RandomSketch<B>>,
-    learned: Option<LearnedSketch<B>>,
+    pub(crate) config: AttentionConfig,
+    pub(crate) norm: Option<LayerNorm<B>>,
+    pub(crate) norm_query: Option<LayerNorm<B>>,
+    pub(crate) norm_key: Option<LayerNorm<B>>,
+    pub(crate) random: Option<RandomSketch<B>>,
+    pub(crate) learned: Option<LearnedSketch<B>>,
 }
 
 impl<B: Backend> AttentionKernel<B> {

@@ -25,12 +25,14 @@
 //! | `degree`     | degree `p` of the polynomial kernel                  |
 
 mod config;
+mod decode;
 mod kernel;
 mod ops;
 pub mod reference;
 mod sketch;
 
 pub use config::{AttentionConfig, AttentionKind, ConfigError, SketchKind, SketchScaling};
+pub use decode::DecodeCache;
 pub use kernel::AttentionKernel;
 pub use ops::{polysketch_causal, polysketch_causal_composed, LocalExact, PolysketchBackend};
 pub use sketch::{LearnedSketch, RandomSketch};

@@ -11,7 +11,8 @@ use polysketch_attention::reference::{
     softmax_attention,
 };
 use polysketch_attention::{
-    AttentionConfig, AttentionKernel, AttentionKind, LocalExact, RandomSketch, SketchKind,
+    AttentionConfig, AttentionKernel, AttentionKind, DecodeCache, LocalExact, RandomSketch,
+    SketchKind,
 };
 
 const SHAPE: [usize; 4] = [2, 3, 19, 8];
@@ -191,4 +192,24 @@ fn sketch_is_symmetric_deterministic_and_shared_by_queries_and_keys() {
     assert!(same(proj(2, 5), proj(2, 5)), "same (seed, layer) must give the same sketch");
     assert!(!same(proj(2, 5), proj(3, 5)), "another layer must give another sketch");
     assert!(!same(proj(2, 5), proj(2, 6)), "another seed must give another sketch");
+}
+
+#[test]
+fn token_by_token_decoding_equals_the_parallel_pass() {
+    for c in all_variants() {
+        let kernel = AttentionKernel::<B64>::new(&c, SHAPE[3], 0, &Default::default());
+        let q = randn::<B64>(SHAPE, 11, 1.0);
+        let k = randn::<B64>(SHAPE, 12, 1.0);
+        let v = randn::<B64>(SHAPE, 13, 1.0);
+        let parallel = kernel.forward(q.clone(), k.clone(), v.clone());
+        let mut cache = DecodeCache::Empty;
+        // SHAPE[2] = 19 positions cross the block boundaries at 5, 10 and 15
+        for position in 0..SHAPE[2] {
+            let at = |x: &Tensor<B64, 4>| x.clone().narrow(2, position, 1);
+            let step = kernel.forward_step(&mut cache, position, at(&q), at(&k), at(&v));
+            let what =
+                format!("{:?}/{:?}/local={} position {position}", c.kind, c.sketch, c.local_exact);
+            assert_close(&what, step, at(&parallel), 1e-9);
+        }
+    }
 }

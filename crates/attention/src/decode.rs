@@ -1,0 +1,174 @@
+//! Token-by-token decoding: a key-value cache for softmax and polynomial attention, and the
+//! recurrent form of polysketch attention (ALGORITHM.md §4), whose state does not grow with the
+//! context.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use crate::config::AttentionKind;
+use crate::kernel::AttentionKernel;
+use crate::ops::int_power;
+
+/// What one attention layer remembers between decoding steps.
+#[derive(Debug, Clone)]
+pub enum DecodeCache<B: Backend> {
+    /// Nothing seen yet.
+    Empty,
+    /// Keys (normalised for polynomial attention) and values of every past token, each
+    /// `[batch, heads, tokens, head_dim]`.
+    KeyValue {
+        /// Past keys.
+        keys: Tensor<B, 4>,
+        /// Past values.
+        values: Tensor<B, 4>,
+    },
+    /// Polysketch state.
+    Sketch {
+        /// `Σ φ(k)⊗φ(k)⊗[v, 1]` over folded tokens, `[batch, heads, sketch_dim², head_dim + 1]`.
+        state: Tensor<B, 4>,
+        /// Exact local variant: the current block's normalised keys `[batch, heads, m, head_dim]`,
+        /// values with a column of ones `[.., m, head_dim + 1]` and key features
+        /// `[.., m, sketch_dim]`, not yet folded into `state`.
+        block: Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)>,
+    },
+}
+
+/// `[x, 1]` along the last dimension.
+fn with_ones<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, tokens, _] = x.dims();
+    let ones = Tensor::ones([batch, heads, tokens, 1], &x.device());
+    Tensor::cat(vec![x, ones], 3)
+}
+
+/// `x ⊗ x` of each row, flattened: `[.., tokens, r]` to `[.., tokens, r²]`.
+fn self_tensor<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, tokens, r] = x.dims();
+    let outer = x.clone().unsqueeze_dim::<5>(4) * x.unsqueeze_dim::<5>(3);
+    outer.reshape([batch, heads, tokens, r * r])
+}
+
+/// `Σ φ(k)⊗φ(k)⊗v'` of some tokens: `[.., r², head_dim + 1]`.
+fn summary<B: Backend>(key_features: Tensor<B, 4>, value1: Tensor<B, 4>) -> Tensor<B, 4> {
+    self_tensor(key_features).swap_dims(2, 3).matmul(value1)
+}
+
+/// `R[:, :h] / (1 + R[:, h])`.
+fn normalise<B: Backend>(result: Tensor<B, 4>) -> Tensor<B, 4> {
+    let head_dim = result.dims()[3] - 1;
+    result.clone().narrow(3, 0, head_dim) / (result.narrow(3, head_dim, 1) + 1.0)
+}
+
+fn append<B: Backend>(past: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::cat(vec![past, new], 2)
+}
+
+impl<B: Backend> AttentionKernel<B> {
+    /// Attention of one new token given everything before it; updates `cache`. `position` is
+    /// the number of tokens already in the cache. Equal, position by position, to
+    /// [`AttentionKernel::forward`] over the whole sequence.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, 1, head_dim]` (after RoPE)
+    /// - returns `[batch, heads, 1, head_dim]`
+    pub fn forward_step(
+        &self,
+        cache: &mut DecodeCache<B>,
+        position: usize,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let config = &self.config;
+        match config.kind {
+            AttentionKind::Softmax | AttentionKind::Polynomial => {
+                let (query, key) = match &self.norm {
+                    Some(norm) => (norm.forward(query), norm.forward(key)),
+                    None => (query, key),
+                };
+                let (keys, values) = match std::mem::replace(cache, DecodeCache::Empty) {
+                    DecodeCache::KeyValue { keys, values } => {
+                        (append(keys, key), append(values, value))
+                    }
+                    _ => (key, value),
+                };
+                let scores = query.matmul(keys.clone().swap_dims(2, 3));
+                let out = if config.kind == AttentionKind::Softmax {
+                    let head_dim = keys.dims()[3] as f64;
+                    softmax(scores / head_dim.sqrt(), 3).matmul(values.clone())
+                } else {
+                    let weights = int_power(scores, config.degree);
+                    let denominator = weights.clone().sum_dim(3) + 1.0;
+                    weights.matmul(values.clone()) / denominator
+                };
+                *cache = DecodeCache::KeyValue { keys, values };
+                out
+            }
+            AttentionKind::Polysketch => self.sketch_step(cache, position, query, key, value),
+        }
+    }
+
+    fn sketch_step(
+        &self,
+        cache: &mut DecodeCache<B>,
+        position: usize,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let [batch, heads, _, head_dim] = value.dims();
+        let value1 = with_ones(value);
+        let local = match (&self.norm_query, &self.norm_key) {
+            (Some(nq), Some(nk)) => Some((nq.forward(query.clone()), nk.forward(key.clone()))),
+            _ => None,
+        };
+        let (query_features, key_features) = match (&local, &self.norm, &self.learned) {
+            (_, _, Some(_)) => (self.features(query), self.features(key)),
+            (Some((q_hat, k_hat)), _, None) => {
+                (self.features(q_hat.clone()), self.features(k_hat.clone()))
+            }
+            (None, Some(norm), None) => {
+                (self.features(norm.forward(query)), self.features(norm.forward(key)))
+            }
+            (None, None, None) => unreachable!("a random sketch always has a norm"),
+        };
+        let sketch_dim = key_features.dims()[3];
+        let (mut state, mut block) = match std::mem::replace(cache, DecodeCache::Empty) {
+            DecodeCache::Sketch { state, block } => (state, block),
+            _ => {
+                let shape = [batch, heads, sketch_dim * sketch_dim, head_dim + 1];
+                (Tensor::zeros(shape, &value1.device()), None)
+            }
+        };
+        let q_tensor = self_tensor(query_features);
+
+        let result = match local {
+            // sketched weights everywhere: fold every token into the state at once
+            None => {
+                state = state + summary(key_features, value1);
+                q_tensor.matmul(state.clone())
+            }
+            // exact weights inside the current block, sketched across earlier blocks
+            Some((q_hat, k_hat)) => {
+                if position.is_multiple_of(self.config.block_size) {
+                    if let Some((_, values, features)) = block.take() {
+                        state = state + summary(features, values);
+                    }
+                }
+                let (keys, values, features) = match block {
+                    Some((k, v, f)) => {
+                        (append(k, k_hat), append(v, value1), append(f, key_features))
+                    }
+                    None => (k_hat, value1, key_features),
+                };
+                let weights =
+                    int_power(q_hat.matmul(keys.clone().swap_dims(2, 3)), self.config.degree);
+                let out = weights.matmul(values.clone()) + q_tensor.matmul(state.clone());
+                block = Some((keys, values, features));
+                out
+            }
+        };
+        *cache = DecodeCache::Sketch { state, block };
+        normalise(result)
+    }
+}
