@@ -3,18 +3,31 @@
 use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig, PositionalEncoding, PositionalEncodingConfig, RotaryEncoding,
-    RotaryEncodingConfig,
+    LinearConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
-use polysketch_attention::{AttentionConfig, AttentionKernel, PolysketchBackend};
+use burn::tensor::{Int, Tensor, TensorData};
+use polysketch_attention::{AttentionConfig, AttentionKernel, DecodeCache, PolysketchBackend};
 
 use crate::config::ModelDims;
 
 fn layer_norm<B: Backend>(d_model: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(d_model).with_epsilon(1e-5).init(device)
+}
+
+/// Sinusoidal position encodings `[positions, d_model]`: `sin(p·ω_i)` in even and `cos(p·ω_i)`
+/// in odd columns, `ω_i = 10000^(-2i/d_model)`. Burn's own table refuses contexts above 10k.
+fn sinusoids<B: Backend>(positions: usize, d_model: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut values = Vec::with_capacity(positions * d_model);
+    for p in 0..positions {
+        for c in 0..d_model {
+            let omega = 10000f64.powf(-((c / 2 * 2) as f64) / d_model as f64);
+            let angle = p as f64 * omega;
+            values.push(if c % 2 == 0 { angle.sin() } else { angle.cos() } as f32);
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [positions, d_model]), device)
 }
 
 fn dense<B: Backend>(input: usize, output: usize, device: &B::Device) -> Linear<B> {
@@ -26,7 +39,6 @@ fn dense<B: Backend>(input: usize, output: usize, device: &B::Device) -> Linear<
 pub struct SelfAttention<B: Backend> {
     qkv: Linear<B>,
     out: Linear<B>,
-    rope: RotaryEncoding<B>,
     kernel: AttentionKernel<B>,
     dropout: Dropout,
     heads: usize,
@@ -44,7 +56,6 @@ impl<B: Backend> SelfAttention<B> {
         Self {
             qkv: dense(dims.d_model, 3 * dims.d_model, device),
             out: dense(dims.d_model, dims.d_model, device),
-            rope: RotaryEncodingConfig::new(dims.max_seq, head_dim).init(device),
             kernel: AttentionKernel::new(attention, head_dim, layer, device),
             dropout: DropoutConfig::new(dropout).init(),
             heads: dims.heads,
@@ -58,20 +69,57 @@ impl<B: Backend> SelfAttention<B> {
 }
 
 impl<B: PolysketchBackend> SelfAttention<B> {
+    /// Per-head queries (rotated), keys (rotated) and values of `x`, starting at `position`.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]`
-    /// - returns `[batch, seq, d_model]`
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// - returns three `[batch, heads, seq, head_dim]`
+    fn project(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEncoding<B>,
+        position: usize,
+    ) -> [Tensor<B, 4>; 3] {
         let [batch, seq, d_model] = x.dims();
         let head_dim = d_model / self.heads;
         let split = |t: Tensor<B, 3>| t.reshape([batch, seq, self.heads, head_dim]).swap_dims(1, 2);
         let qkv = self.qkv.forward(x);
-        let q = self.rope.forward(split(qkv.clone().narrow(2, 0, d_model)));
-        let k = self.rope.forward(split(qkv.clone().narrow(2, d_model, d_model)));
-        let v = split(qkv.narrow(2, 2 * d_model, d_model));
-        let heads = self.kernel.forward(q, k, v);
-        let merged = heads.swap_dims(1, 2).reshape([batch, seq, d_model]);
+        let q = rope.apply(split(qkv.clone().narrow(2, 0, d_model)), position);
+        let k = rope.apply(split(qkv.clone().narrow(2, d_model, d_model)), position);
+        [q, k, split(qkv.narrow(2, 2 * d_model, d_model))]
+    }
+
+    /// # Shapes
+    /// - `heads`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, seq, d_model]`
+    fn merge(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, n_heads, seq, head_dim] = heads.dims();
+        let merged = heads.swap_dims(1, 2).reshape([batch, seq, n_heads * head_dim]);
         self.dropout.forward(self.out.forward(merged))
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - returns `[batch, seq, d_model]`
+    fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
+        let [q, k, v] = self.project(x, rope, 0);
+        self.merge(self.kernel.forward(q, k, v))
+    }
+
+    /// One new token at `position`, with the layer's decoding cache.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 1, d_model]`
+    /// - returns `[batch, 1, d_model]`
+    fn forward_step(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEncoding<B>,
+        cache: &mut DecodeCache<B>,
+        position: usize,
+    ) -> Tensor<B, 3> {
+        let [q, k, v] = self.project(x, rope, position);
+        self.merge(self.kernel.forward_step(cache, position, q, k, v))
     }
 }
 
@@ -119,7 +167,8 @@ pub struct DecoderBlock<B: Backend> {
 #[derive(Module, Debug)]
 pub struct LanguageModel<B: Backend> {
     embedding: Embedding<B>,
-    positions: PositionalEncoding<B>,
+    positions: Tensor<B, 2>,
+    rope: RotaryEncoding<B>,
     blocks: Vec<DecoderBlock<B>>,
     norm: LayerNorm<B>,
     output_bias: Param<Tensor<B, 1>>,
@@ -151,9 +200,8 @@ impl<B: Backend> LanguageModel<B> {
             .init(device);
         Self {
             embedding,
-            positions: PositionalEncodingConfig::new(dims.d_model)
-                .with_max_sequence_size(dims.max_seq)
-                .init(device),
+            positions: sinusoids(dims.max_seq, dims.d_model, device),
+            rope: RotaryEncodingConfig::new(dims.max_seq, dims.head_dim()).init(device),
             blocks,
             norm: layer_norm(dims.d_model, device),
             output_bias: Param::from_tensor(Tensor::zeros([dims.vocab], device)),
@@ -185,21 +233,73 @@ impl<B: PolysketchBackend> LanguageModel<B> {
             "LanguageModel::forward: seq {seq} > max_seq {}",
             self.max_seq
         );
-        let d_model = self.embedding.weight.dims()[1];
-        let tokens = self.embedding.forward(tokens) * (d_model as f64).sqrt();
-        let mut x = self.positions.forward(tokens);
+        let mut x = self.embed(tokens, 0);
         for block in &self.blocks {
-            x = x.clone() + block.attention.forward(block.norm_attention.forward(x));
+            let attention =
+                block.attention.forward(block.norm_attention.forward(x.clone()), &self.rope);
+            x = x + attention;
             x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
         }
-        let x = self.norm.forward(x);
+        self.logits(x).reshape([batch, seq, self.output_bias.dims()[0]])
+    }
 
-        // logits = x Eᵀ + bias, with the embedding matrix tied
+    /// Token embeddings scaled by `sqrt(d_model)` plus the encodings of positions
+    /// `start..start + seq`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`
+    /// - returns `[batch, seq, d_model]`
+    fn embed(&self, tokens: Tensor<B, 2, Int>, start: usize) -> Tensor<B, 3> {
+        let [_, seq] = tokens.dims();
+        let d_model = self.embedding.weight.dims()[1];
+        let positions = self.positions.clone().narrow(0, start, seq).unsqueeze_dim(0);
+        self.embedding.forward(tokens) * (d_model as f64).sqrt() + positions
+    }
+
+    /// `LN(x) Eᵀ + bias`, with the embedding matrix tied.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - returns `[batch * seq, vocab]`
+    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [batch, seq, d_model] = x.dims();
+        let x = self.norm.forward(x).reshape([batch * seq, d_model]);
         let weight = self.embedding.weight.val();
-        let [vocab, d_model] = weight.dims();
-        let logits = x.reshape([batch * seq, d_model]).matmul(weight.transpose());
-        let logits = logits + self.output_bias.val().reshape([1, vocab]);
-        logits.reshape([batch, seq, vocab])
+        let vocab = weight.dims()[0];
+        x.matmul(weight.transpose()) + self.output_bias.val().reshape([1, vocab])
+    }
+
+    /// Logits of the next token after one more token at `position`, updating one decoding
+    /// cache per layer (start with [`LanguageModel::new_caches`] and position 0). Equal to the
+    /// matching row of [`LanguageModel::forward`]; polysketch layers keep a state whose size
+    /// does not depend on `position`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, 1]`
+    /// - returns `[batch, vocab]`
+    ///
+    /// # Panics
+    /// If `position ≥ max_seq` or `caches` does not hold one cache per layer.
+    pub fn forward_step(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        position: usize,
+        caches: &mut [DecodeCache<B>],
+    ) -> Tensor<B, 2> {
+        assert!(position < self.max_seq, "forward_step: position {position} ≥ max_seq");
+        assert_eq!(caches.len(), self.blocks.len(), "forward_step: one cache per layer");
+        let mut x = self.embed(tokens, position);
+        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+            let normed = block.norm_attention.forward(x.clone());
+            x = x + block.attention.forward_step(normed, &self.rope, cache, position);
+            x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
+        }
+        self.logits(x)
+    }
+
+    /// Empty decoding caches, one per layer.
+    pub fn new_caches(&self) -> Vec<DecodeCache<B>> {
+        self.blocks.iter().map(|_| DecodeCache::Empty).collect()
     }
 
     /// Cross-entropy of every next-token prediction, in nats.

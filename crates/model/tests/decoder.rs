@@ -108,3 +108,26 @@ fn presets_and_bad_sizes() {
     };
     assert!(odd.resolve(100, 256).unwrap_err().to_string().contains("degree"));
 }
+
+#[test]
+fn decoding_token_by_token_gives_the_logits_of_the_parallel_pass() {
+    for attention in variants() {
+        let cfg = model_config(attention.clone());
+        let dims = cfg.resolve(VOCAB, SEQ).unwrap();
+        let model = LanguageModel::<B>::new(&dims, &cfg.attention, 0.0, &Default::default());
+        let ids = sequence(5);
+        let full: Vec<f32> = model.forward(tokens(&ids)).into_data().to_vec().unwrap();
+        let mut caches = model.new_caches();
+        // SEQ = 24 positions cross the block boundaries at 8 and 16
+        for (position, &id) in ids.iter().enumerate() {
+            let step: Vec<f32> = model
+                .forward_step(tokens(&[id]), position, &mut caches)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let expected = &full[position * VOCAB..(position + 1) * VOCAB];
+            let diff = step.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "{attention:?}: position {position} differs by {diff}");
+        }
+    }
+}

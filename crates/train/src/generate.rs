@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use polysketch_attention::PolysketchBackend;
+use polysketch_attention::{DecodeCache, PolysketchBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -100,17 +100,37 @@ where
     let _ = write!(out, "{prompt}");
     let started = Instant::now();
     let first_new = ids.len();
+    let max_seq = model.max_seq();
+
+    // one token through every layer's decoding cache: constant cost for polysketch layers,
+    // one pass over the cache for softmax and polynomial ones
+    let step = |id: u32, position: usize, caches: &mut Vec<DecodeCache<B::InnerBackend>>| {
+        let data = TensorData::new(vec![id as i64], [1, 1]);
+        let token = Tensor::<B::InnerBackend, 2, Int>::from_data(data, &device);
+        let logits = model.forward_step(token, position, caches);
+        logits.into_data().convert::<f32>().to_vec::<f32>().expect("float logits")
+    };
+    // feeds ids[from..] into fresh caches; returns the caches, the next position and logits
+    let prefill = |from: usize, ids: &[u32]| {
+        let mut caches = model.new_caches();
+        let mut logits = Vec::new();
+        for (position, &id) in ids[from..].iter().enumerate() {
+            logits = step(id, position, &mut caches);
+        }
+        (caches, ids.len() - from, logits)
+    };
+    let (mut caches, mut position, mut logits) = prefill(ids.len().saturating_sub(max_seq), &ids);
     let mut printed = 0;
     for _ in 0..options.max_tokens {
-        let context = &ids[ids.len().saturating_sub(model.max_seq())..];
-        let data: Vec<i64> = context.iter().map(|&i| i as i64).collect();
-        let tokens = Tensor::<B::InnerBackend, 2, Int>::from_data(
-            TensorData::new(data, [1, context.len()]),
-            &device,
-        );
-        let logits = model.forward(tokens).narrow(1, context.len() - 1, 1);
-        let logits: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("float logits");
-        ids.push(sample(&logits, &options, &mut rng));
+        let id = sample(&logits, &options, &mut rng);
+        ids.push(id);
+        if position == max_seq {
+            // the position encodings end at the trained context: restart on its last half
+            (caches, position, logits) = prefill(ids.len() - max_seq / 2, &ids);
+        } else {
+            logits = step(id, position, &mut caches);
+            position += 1;
+        }
         // print whole characters only: a byte-level token can end inside one
         let text = tokenizer.decode(&ids[first_new..])?;
         if !text.ends_with('\u{FFFD}') && text.len() > printed {
