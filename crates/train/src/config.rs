@@ -207,7 +207,11 @@ impl RunConfig {
             apply_override(&mut table, assignment)?;
         }
         toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            CliError::Config(format!("{origin} with --set {}: {e}", overrides.join(" --set ")))
+            let message = e.to_string().trim().replace('\n', " ");
+            CliError::Config(format!(
+                "{origin} with --set {}: {message}",
+                overrides.join(" --set ")
+            ))
         })
     }
 

@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
         /// Sampling temperature; 0 always picks the most likely token.
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
         temperature: f64,
         /// Sample only among the k most likely tokens (0: no limit).
         #[arg(long, default_value_t = 50)]
