@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 
 use crate::config::AttentionKind;
 use crate::kernel::AttentionKernel;
-use crate::ops::int_power;
+use crate::ops::{int_power, normalise_last, self_tensor, with_ones, LocalExact};
 
 /// What one attention layer remembers between decoding steps.
 #[derive(Debug, Clone)]
@@ -34,29 +34,9 @@ pub enum DecodeCache<B: Backend> {
     },
 }
 
-/// `[x, 1]` along the last dimension.
-fn with_ones<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, heads, tokens, _] = x.dims();
-    let ones = Tensor::ones([batch, heads, tokens, 1], &x.device());
-    Tensor::cat(vec![x, ones], 3)
-}
-
-/// `x ⊗ x` of each row, flattened: `[.., tokens, r]` to `[.., tokens, r²]`.
-fn self_tensor<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, heads, tokens, r] = x.dims();
-    let outer = x.clone().unsqueeze_dim::<5>(4) * x.unsqueeze_dim::<5>(3);
-    outer.reshape([batch, heads, tokens, r * r])
-}
-
 /// `Σ φ(k)⊗φ(k)⊗v'` of some tokens: `[.., r², head_dim + 1]`.
 fn summary<B: Backend>(key_features: Tensor<B, 4>, value1: Tensor<B, 4>) -> Tensor<B, 4> {
     self_tensor(key_features).swap_dims(2, 3).matmul(value1)
-}
-
-/// `R[:, :h] / (1 + R[:, h])`.
-fn normalise<B: Backend>(result: Tensor<B, 4>) -> Tensor<B, 4> {
-    let head_dim = result.dims()[3] - 1;
-    result.clone().narrow(3, 0, head_dim) / (result.narrow(3, head_dim, 1) + 1.0)
 }
 
 fn append<B: Backend>(past: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -118,20 +98,7 @@ impl<B: Backend> AttentionKernel<B> {
     ) -> Tensor<B, 4> {
         let [batch, heads, _, head_dim] = value.dims();
         let value1 = with_ones(value);
-        let local = match (&self.norm_query, &self.norm_key) {
-            (Some(nq), Some(nk)) => Some((nq.forward(query.clone()), nk.forward(key.clone()))),
-            _ => None,
-        };
-        let (query_features, key_features) = match (&local, &self.norm, &self.learned) {
-            (_, _, Some(_)) => (self.features(query), self.features(key)),
-            (Some((q_hat, k_hat)), _, None) => {
-                (self.features(q_hat.clone()), self.features(k_hat.clone()))
-            }
-            (None, Some(norm), None) => {
-                (self.features(norm.forward(query)), self.features(norm.forward(key)))
-            }
-            (None, None, None) => unreachable!("a random sketch always has a norm"),
-        };
+        let (query_features, key_features, local) = self.sketch_inputs(query, key);
         let sketch_dim = key_features.dims()[3];
         let (mut state, mut block) = match std::mem::replace(cache, DecodeCache::Empty) {
             DecodeCache::Sketch { state, block } => (state, block),
@@ -149,7 +116,7 @@ impl<B: Backend> AttentionKernel<B> {
                 q_tensor.matmul(state.clone())
             }
             // exact weights inside the current block, sketched across earlier blocks
-            Some((q_hat, k_hat)) => {
+            Some(LocalExact { query: q_hat, key: k_hat, degree }) => {
                 if position.is_multiple_of(self.config.block_size) {
                     if let Some((_, values, features)) = block.take() {
                         state = state + summary(features, values);
@@ -161,14 +128,13 @@ impl<B: Backend> AttentionKernel<B> {
                     }
                     None => (k_hat, value1, key_features),
                 };
-                let weights =
-                    int_power(q_hat.matmul(keys.clone().swap_dims(2, 3)), self.config.degree);
+                let weights = int_power(q_hat.matmul(keys.clone().swap_dims(2, 3)), degree);
                 let out = weights.matmul(values.clone()) + q_tensor.matmul(state.clone());
                 block = Some((keys, values, features));
                 out
             }
         };
         *cache = DecodeCache::Sketch { state, block };
-        normalise(result)
+        normalise_last(result)
     }
 }

@@ -122,8 +122,24 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
         key: Tensor<B, 4>,
         value: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        let config = &self.config;
-        let block_size = config.block_size;
+        let (query_features, key_features, local) = self.sketch_inputs(query, key);
+        polysketch_causal(query_features, key_features, value, local, self.config.block_size)
+    }
+}
+
+impl<B: Backend> AttentionKernel<B> {
+    /// What the polysketch block algorithm consumes: sketch features of queries and keys, and
+    /// with exact local blocks the normalised queries and keys with the degree.
+    ///
+    /// # Shapes
+    /// - `query`, `key`: `[batch, heads, seq, head_dim]` (after RoPE)
+    /// - returns features `[batch, heads, seq, sketch_dim]` twice, and local queries and keys
+    ///   `[batch, heads, seq, head_dim]`
+    pub(crate) fn sketch_inputs(
+        &self,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Option<LocalExact<Tensor<B, 4>>>) {
         match (&self.norm_query, &self.norm_key) {
             (Some(norm_query), Some(norm_key)) => {
                 let query_hat = norm_query.forward(query.clone());
@@ -134,15 +150,16 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
                 } else {
                     (self.features(query_hat.clone()), self.features(key_hat.clone()))
                 };
-                let local = LocalExact { query: query_hat, key: key_hat, degree: config.degree };
-                polysketch_causal(query_features, key_features, value, Some(local), block_size)
+                let degree = self.config.degree;
+                let local = LocalExact { query: query_hat, key: key_hat, degree };
+                (query_features, key_features, Some(local))
             }
             _ => {
                 let (query, key) = match &self.norm {
                     Some(norm) => (norm.forward(query), norm.forward(key)),
                     None => (query, key),
                 };
-                polysketch_causal(self.features(query), self.features(key), value, None, block_size)
+                (self.features(query), self.features(key), None)
             }
         }
     }

@@ -137,12 +137,33 @@ fn into_blocks<B: Backend>(x: Tensor<B, 4>, block_size: usize) -> Tensor<B, 5> {
 /// Row-wise self tensor product `x ⊗ x`, flattened.
 ///
 /// # Shapes
-/// - `x`: `[batch, heads, blocks, block_size, sketch_dim]`
-/// - returns `[batch, heads, blocks, block_size, sketch_dim²]`
-fn self_tensor<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 5> {
-    let [batch, heads, blocks, block_size, r] = x.dims();
-    let outer = x.clone().unsqueeze_dim::<6>(5) * x.unsqueeze_dim::<6>(4);
-    outer.reshape([batch, heads, blocks, block_size, r * r])
+/// - `x`: `[batch, heads, seq, sketch_dim]`
+/// - returns `[batch, heads, seq, sketch_dim²]`
+pub(crate) fn self_tensor<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, seq, r] = x.dims();
+    let outer = x.clone().unsqueeze_dim::<5>(4) * x.unsqueeze_dim::<5>(3);
+    outer.reshape([batch, heads, seq, r * r])
+}
+
+/// `V' = [V, 1]`: the extra column accumulates the denominator.
+///
+/// # Shapes
+/// - `value`: `[batch, heads, seq, head_dim]`
+/// - returns `[batch, heads, seq, head_dim + 1]`
+pub(crate) fn with_ones<B: Backend>(value: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, seq, _] = value.dims();
+    let ones = Tensor::ones([batch, heads, seq, 1], &value.device());
+    Tensor::cat(vec![value, ones], 3)
+}
+
+/// `o = R[:, :h] / (1 + R[:, h])`.
+///
+/// # Shapes
+/// - `result`: `[batch, heads, seq, head_dim + 1]`
+/// - returns `[batch, heads, seq, head_dim]`
+pub(crate) fn normalise_last<B: Backend>(result: Tensor<B, 4>) -> Tensor<B, 4> {
+    let head_dim = result.dims()[3] - 1;
+    result.clone().narrow(3, 0, head_dim) / (result.narrow(3, head_dim, 1) + 1.0)
 }
 
 /// The block algorithm composed from tensor operations: the reference every fused kernel is
@@ -173,12 +194,11 @@ pub fn polysketch_causal_composed<B: Backend>(
     let blocks = seq.div_ceil(block_size);
     let padded = blocks * block_size;
 
-    // V' = [V, 1]: the last column accumulates the denominator
-    let ones = Tensor::ones([batch, heads, seq, 1], &device);
-    let value1 = Tensor::cat(vec![value, ones], 3);
-    let q = into_blocks(pad_seq(query_features, padded), block_size);
-    let k = into_blocks(pad_seq(key_features, padded), block_size);
-    let v = into_blocks(pad_seq(value1, padded), block_size);
+    let q = into_blocks(pad_seq(query_features.clone(), padded), block_size);
+    let k = into_blocks(pad_seq(key_features.clone(), padded), block_size);
+    let v = into_blocks(pad_seq(with_ones(value), padded), block_size);
+    let qq = into_blocks(pad_seq(self_tensor(query_features), padded), block_size);
+    let kk = into_blocks(pad_seq(self_tensor(key_features), padded), block_size);
 
     // local part P_l = tril(W_l) V'_l, with sketched or exact weights inside the block
     let weights = match &local {
@@ -195,7 +215,7 @@ pub fn polysketch_causal_composed<B: Backend>(
     let local_part = (weights * causal).matmul(v.clone());
 
     // block summaries H_l = Σ_{s∈l} φ(k_s)⊗φ(k_s)⊗v'_s
-    let summaries = self_tensor(k).swap_dims(3, 4).matmul(v);
+    let summaries = kk.swap_dims(3, 4).matmul(v);
 
     // exclusive prefix Z_l = Σ_{j<l} H_j
     let zero = Tensor::zeros([batch, heads, 1, sketch_dim * sketch_dim, head_dim + 1], &device);
@@ -207,9 +227,6 @@ pub fn polysketch_causal_composed<B: Backend>(
     };
 
     // R_l = P_l + (φ(Q_l)⊗φ(Q_l)) Z_l, then o = R[:, :h] / (1 + R[:, h])
-    let result = local_part + self_tensor(q).matmul(prefix);
-    let result = result.reshape([batch, heads, padded, head_dim + 1]).narrow(2, 0, seq);
-    let numerator = result.clone().narrow(3, 0, head_dim);
-    let denominator = result.narrow(3, head_dim, 1) + 1.0;
-    numerator / denominator
+    let result = local_part + qq.matmul(prefix);
+    normalise_last(result.reshape([batch, heads, padded, head_dim + 1]).narrow(2, 0, seq))
 }
