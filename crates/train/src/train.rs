@@ -23,7 +23,7 @@ use crate::progress::{format_duration, Progress};
 use crate::run_dir::{write_atomic, RunDir, TrainState};
 use crate::session::{
     fingerprint_hex, load_checkpoint, load_record_bytes, model_dims, new_model, prepare_corpus,
-    CheckpointRecorder, Corpus, TokenizerSource,
+    CheckpointRecorder, TokenizerSource,
 };
 
 /// Learning rate at `step`: linear warmup from zero, then the configured decay to `min_lr`.
@@ -78,19 +78,6 @@ struct Trainer<B: AutodiffBackend, O> {
     state: TrainState,
 }
 
-/// Fails early when either split is shorter than one window.
-fn check_windows(corpus: &Corpus, config: &RunConfig) -> Result<(), CliError> {
-    let needed = config.train.seq_len + 1;
-    for (split, tokens) in [("training", &corpus.splits.train), ("validation", &corpus.splits.val)]
-    {
-        if tokens.len() < needed {
-            let err = polysketch_data::DataError::CorpusTooShort { tokens: tokens.len(), needed };
-            return Err(CliError::Config(format!("the {split} split: {err}")));
-        }
-    }
-    Ok(())
-}
-
 /// Writes model, optimizer state and progress as the run's newest checkpoint.
 fn save<B, O>(run: &RunDir, trainer: &Trainer<B, O>, keep: usize) -> Result<PathBuf, CliError>
 where
@@ -117,24 +104,29 @@ where
     let say = |s: &str| println!("{s}");
     let resume = options.resume;
     let has_tokenizer = resume && run.tokenizer_path().is_file();
-    let corpus = if has_tokenizer {
-        prepare_corpus(&config, TokenizerSource::File(&run.tokenizer_path()), &say)?
+    let source = if has_tokenizer {
+        TokenizerSource::File(&run.tokenizer_path())
     } else {
-        // data problems surface before anything is written into the run directory
-        if !resume {
-            run.check_free()?;
-        }
-        let corpus = prepare_corpus(&config, TokenizerSource::FromConfig, &say)?;
-        check_windows(&corpus, &config)?;
-        if !resume {
-            run.create(&config)?;
-        }
-        corpus.tokenizer.save(&run.tokenizer_path())?;
-        corpus
+        TokenizerSource::FromConfig
     };
-    run.remove_partial_checkpoints()?;
+    if !resume {
+        run.check_free()?;
+    }
+    let corpus = prepare_corpus(&config, source, &say)?;
     let t = &config.train;
-    let dims = model_dims(&config, &corpus.tokenizer)?;
+    // data problems (a split shorter than one window) surface before anything is written
+    let val_batches =
+        eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, Some(t.eval_batches))?;
+    let tokenizer = corpus.tokenizer;
+    let sampler = WindowSampler::new(Arc::new(corpus.splits.train), t.seq_len, config.run.seed)?;
+    if !resume {
+        run.create(&config)?;
+    }
+    if !has_tokenizer {
+        tokenizer.save(&run.tokenizer_path())?;
+    }
+    run.remove_partial_checkpoints()?;
+    let dims = model_dims(&config, &tokenizer)?;
     B::seed(&device, config.run.seed);
 
     let optim = AdamWConfig::new()
@@ -146,11 +138,11 @@ where
     let fresh_state = TrainState {
         step: 0,
         tokens_seen: 0,
-        tokenizer_fingerprint: fingerprint_hex(&corpus.tokenizer),
-        vocab: corpus.tokenizer.vocab_size(),
+        tokenizer_fingerprint: fingerprint_hex(&tokenizer),
+        vocab: tokenizer.vocab_size(),
     };
     let mut trainer = if resume && !run.checkpoint_steps()?.is_empty() {
-        let (model, state, dir) = load_checkpoint::<B>(&run, &config, &corpus.tokenizer, &device)?;
+        let (model, state, dir) = load_checkpoint::<B>(&run, &config, &tokenizer, &device)?;
         let path = dir.join("optimizer.bin");
         let bytes = std::fs::read(&path).map_err(|e| CliError::io("read", &path, e))?;
         let record = load_record_bytes(bytes, &device).map_err(|e| {
@@ -186,9 +178,6 @@ where
     );
     println!("parameters: {params}");
 
-    let sampler = WindowSampler::new(Arc::new(corpus.splits.train), t.seq_len, config.run.seed)?;
-    let val_batches =
-        eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, Some(t.eval_batches))?;
     let mut metrics = run.metrics()?;
     let progress = Progress::new(trainer.state.step, t.steps);
     install_signal_handler();
