@@ -31,11 +31,14 @@ pub struct RunDir {
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(|e| CliError::io("create", &tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| CliError::io("write", &tmp, e))?;
+    write_synced(&tmp, bytes)?;
     fs::rename(&tmp, path).map_err(|e| CliError::io("rename into", path, e))
+}
+
+/// Writes `bytes` to `path` and waits until they are on disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let mut file = File::create(path).map_err(|e| CliError::io("create", path, e))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|e| CliError::io("write", path, e))
 }
 
 fn step_dir_name(step: u64) -> String {
@@ -131,11 +134,7 @@ impl RunDir {
         for (name, bytes) in
             [("model.bin", model), ("optimizer.bin", optimizer), ("state.json", &state_json[..])]
         {
-            let path = tmp.join(name);
-            let mut f = File::create(&path).map_err(|e| CliError::io("create", &path, e))?;
-            f.write_all(bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| CliError::io("write", &path, e))?;
+            write_synced(&tmp.join(name), bytes)?;
         }
         if final_path.exists() {
             fs::remove_dir_all(&final_path).map_err(|e| CliError::io("replace", &final_path, e))?;
