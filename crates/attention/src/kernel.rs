@@ -3,13 +3,11 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
 use crate::config::{AttentionConfig, AttentionKind, SketchKind};
-use crate::ops::{polysketch_causal, LocalExact, PolysketchBackend};
-use crate::reference::polynomial_attention;
+use crate::lean::{default_chunk_rows, CausalWeights};
+use crate::ops::{lean_attention, polysketch_causal, LocalExact, PolysketchBackend};
 use crate::sketch::{LearnedSketch, RandomSketch};
 
 /// The attention kernel of one layer: maps per-head queries, keys and values (after RoPE) to
@@ -102,15 +100,15 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
         value: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
         let config = &self.config;
+        let chunk = default_chunk_rows(query.dims()[2]);
         match config.kind {
             AttentionKind::Softmax => {
-                let options =
-                    AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-                attention(query, key, value, None, None, options)
+                lean_attention(query, key, value, CausalWeights::Softmax, chunk)
             }
             AttentionKind::Polynomial => {
                 let norm = self.norm.as_ref().expect("polynomial attention has a shared norm");
-                polynomial_attention(norm.forward(query), norm.forward(key), value, config.degree)
+                let weights = CausalWeights::Polynomial { degree: config.degree };
+                lean_attention(norm.forward(query), norm.forward(key), value, weights, chunk)
             }
             AttentionKind::Polysketch => self.polysketch(query, key, value),
         }

@@ -27,6 +27,7 @@
 mod config;
 mod decode;
 mod kernel;
+pub mod lean;
 mod ops;
 pub mod reference;
 mod sketch;
@@ -34,5 +35,8 @@ mod sketch;
 pub use config::{AttentionConfig, AttentionKind, ConfigError, SketchKind, SketchScaling};
 pub use decode::DecodeCache;
 pub use kernel::AttentionKernel;
-pub use ops::{polysketch_causal, polysketch_causal_composed, LocalExact, PolysketchBackend};
+pub use lean::CausalWeights;
+pub use ops::{
+    lean_attention, polysketch_causal, polysketch_causal_composed, LocalExact, PolysketchBackend,
+};
 pub use sketch::{LearnedSketch, RandomSketch};

@@ -3,11 +3,17 @@
 //! The operation receives sketch features, not raw queries and keys, so the sketch networks stay
 //! ordinary modules and a fused kernel only has to implement the block algorithm itself.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::lean::{lean_attention_backward, lean_attention_forward, CausalWeights};
 
 /// Exact local blocks: normalised queries and keys whose `degree`-th power of the dot product
 /// replaces the sketched weight inside each diagonal block.
@@ -21,7 +27,8 @@ pub struct LocalExact<T> {
     pub degree: u32,
 }
 
-/// Backend extension with the causal polysketch block algorithm.
+/// Backend extension with the attention operations: the causal polysketch block algorithm and
+/// memory-lean exact causal attention.
 ///
 /// The provided body composes the algorithm from Burn tensor operations, so every backend gets a
 /// correct implementation that autodiff differentiates; a backend with fused kernels overrides
@@ -57,19 +64,171 @@ pub trait PolysketchBackend: Backend {
         .into_primitive()
         .tensor()
     }
+
+    /// Exact causal attention that stores only its output and one statistic per row for the
+    /// backward pass (see [`crate::lean`]); `chunk` query rows are processed at a time.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, head_dim]`
+    fn lean_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        weights: CausalWeights,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        Self::lean_attention_with_stat(query, key, value, weights, chunk).0
+    }
+
+    /// Forward pass of [`PolysketchBackend::lean_attention`] with its per-row statistic.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, head_dim]` and `[batch, heads, seq, 1]`
+    fn lean_attention_with_stat(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        weights: CausalWeights,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, stat) =
+            lean_attention_forward(wrap::<Self>(query), wrap(key), wrap(value), weights, chunk);
+        (unwrap(out), unwrap(stat))
+    }
+
+    /// Gradients of [`PolysketchBackend::lean_attention`] with respect to its three inputs.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`, `output`, `grad_output`: `[batch, heads, seq, head_dim]`
+    /// - `stat`: `[batch, heads, seq, 1]`
+    /// - returns three `[batch, heads, seq, head_dim]`
+    #[allow(clippy::too_many_arguments)]
+    fn lean_attention_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        stat: FloatTensor<Self>,
+        grad_output: FloatTensor<Self>,
+        weights: CausalWeights,
+        chunk: usize,
+    ) -> [FloatTensor<Self>; 3] {
+        lean_attention_backward(
+            wrap::<Self>(query),
+            wrap(key),
+            wrap(value),
+            wrap(output),
+            wrap(stat),
+            wrap(grad_output),
+            weights,
+            chunk,
+        )
+        .map(unwrap)
+    }
+}
+
+fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn unwrap<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
 }
 
 impl PolysketchBackend for NdArray<f32> {}
 
 impl PolysketchBackend for NdArray<f64> {}
 
-impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff<B, C> {}
+/// Backward step of lean attention: keeps the inputs, the output and the row statistic.
+#[derive(Debug)]
+struct LeanAttentionBackward {
+    weights: CausalWeights,
+    chunk: usize,
+}
+
+impl<B: PolysketchBackend> Backward<B, 3> for LeanAttentionBackward {
+    type State = (NodeId, NodeId, NodeId, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, saved: &mut Checkpointer) {
+        let (query, key, value, output, stat) = ops.state;
+        let grad_output = grads.consume::<B>(&ops.node);
+        let query = saved.retrieve_node_output::<FloatTensor<B>>(query);
+        let key = saved.retrieve_node_output::<FloatTensor<B>>(key);
+        let value = saved.retrieve_node_output::<FloatTensor<B>>(value);
+        let gradients = B::lean_attention_backward(
+            query,
+            key,
+            value,
+            output,
+            stat,
+            grad_output,
+            self.weights,
+            self.chunk,
+        );
+        for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, gradient);
+            }
+        }
+    }
+}
+
+impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff<B, C> {
+    fn lean_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        weights: CausalWeights,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let nodes = [query.node.clone(), key.node.clone(), value.node.clone()];
+        let step = LeanAttentionBackward { weights, chunk };
+        match step.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let saved =
+                    (prep.checkpoint(&query), prep.checkpoint(&key), prep.checkpoint(&value));
+                let (out, stat) = B::lean_attention_with_stat(
+                    query.primitive,
+                    key.primitive,
+                    value.primitive,
+                    weights,
+                    chunk,
+                );
+                prep.finish((saved.0, saved.1, saved.2, out.clone(), stat), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::lean_attention(
+                query.primitive,
+                key.primitive,
+                value.primitive,
+                weights,
+                chunk,
+            )),
+        }
+    }
+}
 
 #[cfg(feature = "wgpu")]
 impl PolysketchBackend for burn::backend::Wgpu {}
 
 #[cfg(feature = "cuda")]
 impl PolysketchBackend for burn::backend::Cuda {}
+
+/// Memory-lean exact causal attention through the backend's implementation.
+///
+/// # Shapes
+/// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]`
+/// - returns `[batch, heads, seq, head_dim]`
+pub fn lean_attention<B: PolysketchBackend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    weights: CausalWeights,
+    chunk: usize,
+) -> Tensor<B, 4> {
+    wrap(B::lean_attention(unwrap(query), unwrap(key), unwrap(value), weights, chunk))
+}
 
 /// Causal polysketch attention through the backend's implementation.
 ///
