@@ -8,7 +8,9 @@ use burn::tensor::Tensor;
 
 use crate::config::AttentionKind;
 use crate::kernel::AttentionKernel;
-use crate::ops::{int_power, normalise_last, self_tensor, with_ones, LocalExact};
+use crate::ops::{
+    int_power, normalise_last, self_tensor, with_ones, LocalExact, PolysketchBackend,
+};
 
 /// What one attention layer remembers between decoding steps.
 #[derive(Debug, Clone)]
@@ -34,6 +36,20 @@ pub enum DecodeCache<B: Backend> {
     },
 }
 
+impl<B: Backend> DecodeCache<B> {
+    /// Number of values the cache holds: what decoding remembers about the tokens so far.
+    pub fn elements(&self) -> usize {
+        let count = |t: &Tensor<B, 4>| t.shape().num_elements();
+        match self {
+            DecodeCache::Empty => 0,
+            DecodeCache::KeyValue { keys, values } => count(keys) + count(values),
+            DecodeCache::Sketch { state, block } => {
+                count(state) + block.as_ref().map_or(0, |(k, v, f)| count(k) + count(v) + count(f))
+            }
+        }
+    }
+}
+
 /// `Σ φ(k)⊗φ(k)⊗v'` of some tokens: `[.., r², head_dim + 1]`.
 fn summary<B: Backend>(key_features: Tensor<B, 4>, value1: Tensor<B, 4>) -> Tensor<B, 4> {
     self_tensor(key_features).swap_dims(2, 3).matmul(value1)
@@ -43,7 +59,70 @@ fn append<B: Backend>(past: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
     Tensor::cat(vec![past, new], 2)
 }
 
+impl<B: PolysketchBackend> AttentionKernel<B> {
+    /// The parallel pass over a prompt, with the cache that decoding the prompt token by token
+    /// would leave behind: [`AttentionKernel::forward_step`] continues from position `seq`.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]` (after RoPE)
+    /// - returns `[batch, heads, seq, head_dim]`
+    pub fn prefill(
+        &self,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, DecodeCache<B>) {
+        let cache = self.prompt_cache(query.clone(), key.clone(), value.clone());
+        (self.forward(query, key, value), cache)
+    }
+}
+
 impl<B: Backend> AttentionKernel<B> {
+    /// The decoding cache after the tokens of a whole prompt.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]` (after RoPE)
+    fn prompt_cache(
+        &self,
+        query: Tensor<B, 4>,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> DecodeCache<B> {
+        let [batch, heads, seq, head_dim] = value.dims();
+        if seq == 0 {
+            return DecodeCache::Empty;
+        }
+        if self.config.kind != AttentionKind::Polysketch {
+            let keys = match &self.norm {
+                Some(norm) => norm.forward(key),
+                None => key,
+            };
+            return DecodeCache::KeyValue { keys, values: value };
+        }
+        let value1 = with_ones(value);
+        let (_, key_features, local) = self.sketch_inputs(query, key);
+        let Some(LocalExact { key: key_hat, .. }) = local else {
+            return DecodeCache::Sketch { state: summary(key_features, value1), block: None };
+        };
+        // decoding folds a block when the next one starts: the last block stays open, even
+        // when it is full
+        let folded = (seq - 1) / self.config.block_size * self.config.block_size;
+        let state = if folded > 0 {
+            summary(key_features.clone().narrow(2, 0, folded), value1.clone().narrow(2, 0, folded))
+        } else {
+            let sketch_dim = key_features.dims()[3];
+            let shape = [batch, heads, sketch_dim * sketch_dim, head_dim + 1];
+            Tensor::zeros(shape, &value1.device())
+        };
+        let open = seq - folded;
+        let block = (
+            key_hat.narrow(2, folded, open),
+            value1.narrow(2, folded, open),
+            key_features.narrow(2, folded, open),
+        );
+        DecodeCache::Sketch { state, block: Some(block) }
+    }
+
     /// Attention of one new token given everything before it; updates `cache`. `position` is
     /// the number of tokens already in the cache. Equal, position by position, to
     /// [`AttentionKernel::forward`] over the whole sequence.

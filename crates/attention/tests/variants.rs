@@ -213,3 +213,27 @@ fn token_by_token_decoding_equals_the_parallel_pass() {
         }
     }
 }
+
+#[test]
+fn decoding_after_a_parallel_prefill_equals_the_parallel_pass() {
+    // prompts that end before, on and after block boundaries (blocks of 5)
+    for c in all_variants() {
+        let kernel = AttentionKernel::<B64>::new(&c, SHAPE[3], 0, &Default::default());
+        let q = randn::<B64>(SHAPE, 21, 1.0);
+        let k = randn::<B64>(SHAPE, 22, 1.0);
+        let v = randn::<B64>(SHAPE, 23, 1.0);
+        let parallel = kernel.forward(q.clone(), k.clone(), v.clone());
+        for prompt in [1, 4, 5, 6, 10, 13] {
+            let head = |x: &Tensor<B64, 4>| x.clone().narrow(2, 0, prompt);
+            let (out, mut cache) = kernel.prefill(head(&q), head(&k), head(&v));
+            let what =
+                format!("{:?}/{:?}/local={} prompt {prompt}", c.kind, c.sketch, c.local_exact);
+            assert_close(&format!("{what} prefill"), out, head(&parallel), 1e-9);
+            for position in prompt..SHAPE[2] {
+                let at = |x: &Tensor<B64, 4>| x.clone().narrow(2, position, 1);
+                let step = kernel.forward_step(&mut cache, position, at(&q), at(&k), at(&v));
+                assert_close(&format!("{what} at {position}"), step, at(&parallel), 1e-9);
+            }
+        }
+    }
+}

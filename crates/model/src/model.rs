@@ -106,6 +106,17 @@ impl<B: PolysketchBackend> SelfAttention<B> {
         self.merge(self.kernel.forward(q, k, v))
     }
 
+    /// A whole prompt in parallel, returning the layer's decoding cache after it.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - returns `[batch, seq, d_model]`
+    fn prefill(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> (Tensor<B, 3>, DecodeCache<B>) {
+        let [q, k, v] = self.project(x, rope, 0);
+        let (out, cache) = self.kernel.prefill(q, k, v);
+        (self.merge(out), cache)
+    }
+
     /// One new token at `position`, with the layer's decoding cache.
     ///
     /// # Shapes
@@ -295,6 +306,31 @@ impl<B: PolysketchBackend> LanguageModel<B> {
             x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
         }
         self.logits(x)
+    }
+
+    /// Reads a whole prompt in one parallel pass: the logits of the token after it, and the
+    /// decoding caches to continue with [`LanguageModel::forward_step`] at position `seq`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` with `1 ≤ seq ≤ max_seq`
+    /// - returns `[batch, vocab]`
+    pub fn prefill(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Vec<DecodeCache<B>>) {
+        let [_, seq] = tokens.dims();
+        assert!(
+            (1..=self.max_seq).contains(&seq),
+            "LanguageModel::prefill: seq {seq} outside 1..={}",
+            self.max_seq
+        );
+        let mut x = self.embed(tokens, 0);
+        let mut caches = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let normed = block.norm_attention.forward(x.clone());
+            let (attention, cache) = block.attention.prefill(normed, &self.rope);
+            caches.push(cache);
+            x = x + attention;
+            x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
+        }
+        (self.logits(x.narrow(1, seq - 1, 1)), caches)
     }
 
     /// Empty decoding caches, one per layer.

@@ -131,3 +131,36 @@ fn decoding_token_by_token_gives_the_logits_of_the_parallel_pass() {
         }
     }
 }
+
+#[test]
+fn a_parallel_prefill_then_decoding_gives_the_logits_of_the_parallel_pass() {
+    for attention in variants() {
+        let cfg = model_config(attention.clone());
+        let dims = cfg.resolve(VOCAB, SEQ).unwrap();
+        let model = LanguageModel::<B>::new(&dims, &cfg.attention, 0.0, &Default::default());
+        let ids = sequence(6);
+        let full: Vec<f32> = model.forward(tokens(&ids)).into_data().to_vec().unwrap();
+        let row = |position: usize| &full[position * VOCAB..(position + 1) * VOCAB];
+        let close =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        // prompts ending inside a block, on its last token and on the first of the next
+        for prompt in [5, 8, 9, 16] {
+            let (logits, mut caches) = model.prefill(tokens(&ids[..prompt]));
+            let logits: Vec<f32> = logits.into_data().to_vec().unwrap();
+            let diff = close(&logits, row(prompt - 1));
+            assert!(diff < 1e-4, "{attention:?}: prompt {prompt} differs by {diff}");
+            for (position, &id) in ids.iter().enumerate().skip(prompt) {
+                let step: Vec<f32> = model
+                    .forward_step(tokens(&[id]), position, &mut caches)
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+                let diff = close(&step, row(position));
+                assert!(
+                    diff < 1e-4,
+                    "{attention:?}: prompt {prompt}, {position} differs by {diff}"
+                );
+            }
+        }
+    }
+}

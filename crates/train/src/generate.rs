@@ -110,14 +110,17 @@ where
         let logits = model.forward_step(token, position, caches);
         logits.into_data().convert::<f32>().to_vec::<f32>().expect("float logits")
     };
-    // feeds ids[from..] into fresh caches; returns the caches, the next position and logits
+    // reads ids[from..] in one parallel pass; returns the caches, the next position and logits
     let prefill = |from: usize, ids: &[u32]| {
-        let mut caches = model.new_caches();
-        let mut logits = Vec::new();
-        for (position, &id) in ids[from..].iter().enumerate() {
-            logits = step(id, position, &mut caches);
-        }
-        (caches, ids.len() - from, logits)
+        let prompt: Vec<i64> = ids[from..].iter().map(|&id| id as i64).collect();
+        let len = prompt.len();
+        let tokens = Tensor::<B::InnerBackend, 2, Int>::from_data(
+            TensorData::new(prompt, [1, len]),
+            &device,
+        );
+        let (logits, caches) = model.prefill(tokens);
+        let logits = logits.into_data().convert::<f32>().to_vec::<f32>().expect("float logits");
+        (caches, len, logits)
     };
     let (mut caches, mut position, mut logits) = prefill(ids.len().saturating_sub(max_seq), &ids);
     let mut printed = 0;
