@@ -24,6 +24,7 @@
 //! | `block_size` | block size `b` of the causal block algorithm         |
 //! | `degree`     | degree `p` of the polynomial kernel                  |
 
+mod blockwise;
 mod config;
 mod decode;
 mod kernel;

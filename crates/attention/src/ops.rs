@@ -13,6 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::blockwise::{blockwise_backward, blockwise_forward, BlockwiseSaved};
 use crate::lean::{lean_attention_backward, lean_attention_forward, CausalWeights};
 
 /// Exact local blocks: normalised queries and keys whose `degree`-th power of the dot product
@@ -175,7 +176,107 @@ impl<B: PolysketchBackend> Backward<B, 3> for LeanAttentionBackward {
     }
 }
 
+/// Backward step of the polysketch block algorithm over `N` inputs (features and values, plus
+/// local queries and keys when `N = 5`): keeps the output, the row denominators and one prefix
+/// state per block, and recomputes the rest block by block.
+#[derive(Debug)]
+struct PolysketchBackward<const N: usize> {
+    block_size: usize,
+    degree: u32,
+}
+
+/// Saved inputs, output, denominators and prefix states of [`PolysketchBackward`].
+type PolysketchState<B> =
+    (Vec<NodeId>, FloatTensor<B>, FloatTensor<B>, Vec<Option<FloatTensor<B>>>);
+
+impl<B: PolysketchBackend, const N: usize> Backward<B, N> for PolysketchBackward<N> {
+    type State = PolysketchState<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, saved: &mut Checkpointer) {
+        let (ids, output, denominator, prefixes) = ops.state;
+        let grad_output = grads.consume::<B>(&ops.node);
+        let inputs: Vec<Tensor<B, 4>> = ids
+            .into_iter()
+            .map(|id| wrap(saved.retrieve_node_output::<FloatTensor<B>>(id)))
+            .collect();
+        let local = (N == 5).then(|| LocalExact {
+            query: inputs[3].clone(),
+            key: inputs[4].clone(),
+            degree: self.degree,
+        });
+        let saved = BlockwiseSaved {
+            output: wrap(output),
+            denominator: wrap(denominator),
+            prefixes: prefixes.into_iter().map(|p| p.map(wrap)).collect(),
+        };
+        let gradients = blockwise_backward(
+            inputs[0].clone(),
+            inputs[1].clone(),
+            inputs[2].clone(),
+            local,
+            self.block_size,
+            saved,
+            wrap(grad_output),
+        );
+        for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, unwrap(gradient));
+            }
+        }
+    }
+}
+
+/// Records the block algorithm on the autodiff graph with its hand-written backward.
+fn track_polysketch<B: PolysketchBackend, C: CheckpointStrategy, const N: usize>(
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+    degree: u32,
+    block_size: usize,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = inputs.clone().map(|t| t.node);
+    let step = PolysketchBackward::<N> { block_size, degree };
+    let inner = |i: usize| wrap::<B>(inputs[i].primitive.clone());
+    let local = (N == 5).then(|| LocalExact { query: inner(3), key: inner(4), degree });
+    match step.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            let ids = inputs.iter().map(|t| prep.checkpoint(t)).collect();
+            let saved = blockwise_forward(inner(0), inner(1), inner(2), local, block_size);
+            let output = unwrap(saved.output);
+            let prefixes = saved.prefixes.into_iter().map(|p| p.map(unwrap)).collect();
+            let state = (ids, output.clone(), unwrap(saved.denominator), prefixes);
+            prep.finish(state, output)
+        }
+        OpsKind::UnTracked(prep) => {
+            let local = local.map(|l| LocalExact {
+                query: unwrap(l.query),
+                key: unwrap(l.key),
+                degree: l.degree,
+            });
+            let [q, k, v] = [0, 1, 2].map(|i| inputs[i].primitive.clone());
+            prep.finish(B::polysketch_causal(q, k, v, local, block_size))
+        }
+    }
+}
+
 impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff<B, C> {
+    fn polysketch_causal(
+        query_features: FloatTensor<Self>,
+        key_features: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        local: Option<LocalExact<FloatTensor<Self>>>,
+        block_size: usize,
+    ) -> FloatTensor<Self> {
+        match local {
+            None => {
+                track_polysketch::<B, C, 3>([query_features, key_features, value], 2, block_size)
+            }
+            Some(l) => track_polysketch::<B, C, 5>(
+                [query_features, key_features, value, l.query, l.key],
+                l.degree,
+                block_size,
+            ),
+        }
+    }
+
     fn lean_attention(
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
