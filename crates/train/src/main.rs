@@ -1,12 +1,16 @@
 //! `polysketch`: train, evaluate and sample GPT-style language models with PolySketch attention.
 
+mod alloc;
 mod backend;
+mod bench;
 mod config;
 mod error;
 mod eval;
 mod generate;
 mod grads;
+mod plot;
 mod progress;
+mod report;
 mod run_dir;
 mod session;
 mod train;
@@ -15,9 +19,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mimalloc::MiMalloc;
 
 use crate::backend::DeviceKind;
+use crate::bench::{BenchKind, BenchOptions, PresetArg, Variant};
 use crate::config::RunConfig;
 use crate::error::CliError;
 use crate::generate::SampleOptions;
@@ -25,9 +29,10 @@ use crate::run_dir::RunDir;
 use crate::train::TrainOptions;
 
 // Tensor ops allocate and free large buffers at a high rate; glibc returns them to the kernel and
-// pays page faults on every reuse, mimalloc keeps them.
+// pays page faults on every reuse, mimalloc keeps them. The wrapper counts live bytes for the
+// peak-memory column of `polysketch bench`.
 #[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
+static GLOBAL: alloc::CountingAllocator = alloc::CountingAllocator;
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -103,6 +108,76 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
+    /// Measure speed and peak memory of the attention variants against context length.
+    Bench(BenchArgs),
+    /// Draw validation loss against tokens seen, and tokens/s against context length, for runs.
+    Plot {
+        /// Run directories written by `polysketch train`.
+        #[arg(required = true, value_name = "RUN_DIR")]
+        runs: Vec<PathBuf>,
+        /// Folder for val_loss.svg and tokens_per_sec.svg.
+        #[arg(long, default_value = "plots")]
+        out: PathBuf,
+    },
+}
+
+/// Arguments of `polysketch bench`.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// layer: one attention layer, forward + backward; step: a whole training step; decode:
+    /// tokens/s of token-by-token generation after a prompt.
+    #[arg(value_enum)]
+    kind: BenchKind,
+    /// Context (prompt) lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192,16384,32768")]
+    contexts: Vec<usize>,
+    /// Attention variants, comma-separated; softmax is the baseline of every ratio.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "softmax,polynomial,polysketch-random,polysketch-learned-local"
+    )]
+    variants: Vec<Variant>,
+    /// Heads (layer benchmark).
+    #[arg(long, default_value_t = 12)]
+    heads: usize,
+    /// Features per head (layer benchmark).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Model size (step and decode benchmarks).
+    #[arg(long, value_enum, default_value = "tiny")]
+    preset: PresetArg,
+    /// Vocabulary size (step and decode benchmarks).
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    /// Sequences per batch (layer and step benchmarks).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Sketch size r.
+    #[arg(long, default_value_t = 32)]
+    sketch_dim: usize,
+    /// Block size b.
+    #[arg(long, default_value_t = 256)]
+    block_size: usize,
+    /// Degree of polynomial and exact local weights.
+    #[arg(long, default_value_t = 4)]
+    degree: u32,
+    /// Tokens decoded per timed run (decode benchmark).
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Repeat timed runs until they add up to this many seconds (at least one run).
+    #[arg(long, default_value_t = 3.0)]
+    min_seconds: f64,
+    /// Skip a variant's longer contexts once its warm-up run takes longer than this.
+    #[arg(long, default_value_t = 600.0)]
+    max_seconds: f64,
+    /// Folder for KIND.md, KIND.csv and KIND.svg.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
 }
 
 fn device_name(kind: DeviceKind) -> String {
@@ -132,6 +207,33 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             let options = SampleOptions { prompt, max_tokens, temperature, top_k, top_p, seed };
             on_device!(device, generate::generate, &run, options)
+        }
+        Command::Plot { runs, out } => {
+            for path in plot::plot(&runs, &out)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let options = BenchOptions {
+                kind: a.kind,
+                contexts: a.contexts,
+                variants: a.variants,
+                heads: a.heads,
+                head_dim: a.head_dim,
+                preset: a.preset,
+                vocab: a.vocab,
+                batch: a.batch,
+                sketch_dim: a.sketch_dim,
+                block_size: a.block_size,
+                degree: a.degree,
+                decode_tokens: a.decode_tokens,
+                min_seconds: a.min_seconds,
+                max_seconds: a.max_seconds,
+                out: a.out,
+                device_name: device_name(a.device),
+            };
+            on_device!(a.device, bench::bench, options)
         }
     }
 }

@@ -102,7 +102,7 @@ fn train_eval_generate_and_resume() {
 }
 
 #[test]
-fn attention_is_switched_by_config_alone() {
+fn attention_is_switched_by_config_alone_and_runs_are_plotted() {
     let s = scratch("switch");
     for kind in ["softmax", "polynomial"] {
         let dir = format!("run.dir=\"{}\"", s.path(kind).display());
@@ -121,6 +121,77 @@ fn attention_is_switched_by_config_alone() {
         let config = std::fs::read_to_string(s.path(kind).join("config.toml")).unwrap();
         assert!(config.contains(&format!("kind = \"{kind}\"")), "{config}");
     }
+    let (softmax, polynomial) = (s.arg("softmax"), s.arg("polynomial"));
+    let out = run(&["plot", &softmax, &polynomial, "--out", &s.arg("plots")]);
+    assert_ok(&out, "plot");
+    // one loss line per run, named by its folder; one speed line per attention variant
+    for (chart, names) in [
+        ("val_loss.svg", ["softmax", "polynomial"]),
+        ("tokens_per_sec.svg", ["softmax", "polynomial-p4"]),
+    ] {
+        let svg = std::fs::read_to_string(s.path("plots").join(chart)).unwrap();
+        assert!(names.iter().all(|n| svg.contains(n)), "{chart}: {svg}");
+    }
+    assert_fails(&run(&["plot", &s.arg("nothing")]), "does not exist");
+}
+
+/// Rows of a CSV file, header first.
+fn csv_rows(path: &std::path::Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().map(|l| l.split(',').map(String::from).collect()).collect()
+}
+
+#[test]
+fn benchmarks_write_tables_with_softmax_ratios_and_charts() {
+    let s = scratch("bench");
+    let small = [
+        "--contexts",
+        "32,64",
+        "--variants",
+        "softmax,polysketch-learned-local,polynomial",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--sketch-dim",
+        "4",
+        "--block-size",
+        "16",
+        "--vocab",
+        "64",
+        "--min-seconds",
+        "0",
+        "--decode-tokens",
+        "3",
+    ];
+    for kind in ["layer", "step", "decode"] {
+        let out_dir = s.arg(kind);
+        let mut args = vec!["bench", kind, "--out", &out_dir];
+        args.extend(small);
+        let out = run(&args);
+        assert_ok(&out, kind);
+        let rows = csv_rows(&s.path(kind).join(format!("{kind}.csv")));
+        assert_eq!(rows.len(), 1 + 3 * 2, "{kind}: {rows:?}");
+        for row in &rows[1..] {
+            // the baseline's own ratio is 1; every measurement is a positive number
+            if row[0] == "softmax" {
+                assert_eq!(row[3], "1.00", "{kind}: {row:?}");
+            }
+            let value: f64 = row[2].parse().unwrap();
+            assert!(value > 0.0 && value.is_finite(), "{kind}: {row:?}");
+        }
+        assert!(s.path(kind).join(format!("{kind}.md")).is_file());
+        assert!(s.path(kind).join(format!("{kind}.svg")).is_file());
+    }
+    // decoding keeps a polysketch state of fixed size: the cache does not grow with the prompt
+    let rows = csv_rows(&s.path("decode").join("decode.csv"));
+    let cache = |variant: &str, prompt: &str| {
+        rows.iter().find(|r| r[0] == variant && r[1] == prompt).unwrap()[5].clone()
+    };
+    assert_eq!(cache("polysketch-learned-local", "32"), cache("polysketch-learned-local", "64"));
+    assert_ne!(cache("softmax", "32"), cache("softmax", "64"));
+    assert_fails(&run(&["bench", "layer", "--contexts", "0"]), "positive");
+    assert_fails(&run(&["bench", "layer", "--sketch-dim", "0", "--contexts", "8"]), "sketch_dim");
 }
 
 #[test]
