@@ -13,6 +13,7 @@ mod progress;
 mod report;
 mod run_dir;
 mod session;
+mod sweep;
 mod train;
 
 use std::path::PathBuf;
@@ -110,6 +111,24 @@ enum Command {
     },
     /// Measure speed and peak memory of the attention variants against context length.
     Bench(BenchArgs),
+    /// Train one run per combination of a grid file's overrides, then summarise and plot them.
+    Sweep {
+        /// Base run config (TOML), e.g. configs/tiny.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Grid file: [variants.NAME] override sets and [grid] axes (see configs/ablation.toml).
+        #[arg(long, value_name = "FILE")]
+        grid: PathBuf,
+        /// Override a setting of every run, e.g. --set train.eval_batches=2; repeatable.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Folder for the runs, summary.md, summary.csv and the charts.
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+        /// Device to train on.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
     /// Draw validation loss against tokens seen, and tokens/s against context length, for runs.
     Plot {
         /// Run directories written by `polysketch train`.
@@ -207,6 +226,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             let options = SampleOptions { prompt, max_tokens, temperature, top_k, top_p, seed };
             on_device!(device, generate::generate, &run, options)
+        }
+        Command::Sweep { config, grid, overrides, out, device } => {
+            sweep::sweep(&config, &grid, &overrides, &out, |config, resume| {
+                let options = TrainOptions { resume, device_name: device_name(device) };
+                on_device!(device, train::train, config, options)
+            })
         }
         Command::Plot { runs, out } => {
             for path in plot::plot(&runs, &out)? {

@@ -285,7 +285,12 @@ where
         }
     }
     progress.finish();
-    write_atomic(&run.root().join("DONE"), format!("{}\n", trainer.state.step).as_bytes())?;
+    let done = serde_json::json!({
+        "step": trainer.state.step,
+        "tokens_seen": trainer.state.tokens_seen,
+        "parameters": params,
+    });
+    write_atomic(&run.root().join("DONE"), format!("{done}\n").as_bytes())?;
     println!(
         "done: {} steps, {} tokens; run directory `{}`",
         trainer.state.step,

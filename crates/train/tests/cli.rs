@@ -135,6 +135,49 @@ fn attention_is_switched_by_config_alone_and_runs_are_plotted() {
     assert_fails(&run(&["plot", &s.arg("nothing")]), "does not exist");
 }
 
+#[test]
+fn a_sweep_trains_every_combination_once_and_summarises_them() {
+    let s = scratch("sweep");
+    s.write(
+        "grid.toml",
+        r#"[sweep]
+token_budget = 512
+evaluations = 2
+[variants.soft]
+"model.attention.kind" = "softmax"
+[variants.sketch]
+"model.attention.kind" = "polysketch"
+[grid]
+context = [{ name = "short", "train.seq_len" = 16, "train.batch_size" = 2 }, { name = "long", "train.seq_len" = 32, "train.batch_size" = 1 }]
+"#,
+    );
+    let args = ["sweep", "--config", &s.arg("config.toml"), "--grid", &s.arg("grid.toml")];
+    let out_dir = s.arg("sweep");
+    let mut args = args.to_vec();
+    args.extend(["--out", &out_dir, "--set", "train.eval_batches=1"]);
+    let out = run(&args);
+    assert_ok(&out, "sweep");
+    let rows = csv_rows(&s.path("sweep/summary.csv"));
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert_eq!(rows[0][..3], ["run", "variant", "context"]);
+    for row in &rows[1..] {
+        let loss: f64 = row[3].parse().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{row:?}");
+        // 512 tokens: 16 steps of 32 tokens at both lengths
+        assert_eq!(row[5], "512", "{row:?}");
+    }
+    for chart in ["val_loss.svg", "tokens_per_sec.svg"] {
+        assert!(s.path("sweep").join(chart).is_file(), "{chart}");
+    }
+    // a second call finds every run finished and only rewrites the summary
+    let again = run(&args);
+    assert_ok(&again, "sweep again");
+    assert_eq!(text(&again.stderr).matches("finished earlier").count(), 4);
+    s.write("bad-grid.toml", "[grid]\n\"run.dir\" = [\"x\"]\n");
+    let bad = ["sweep", "--config", &s.arg("config.toml"), "--grid", &s.arg("bad-grid.toml")];
+    assert_fails(&run(&bad), "chosen by the sweep");
+}
+
 /// Rows of a CSV file, header first.
 fn csv_rows(path: &std::path::Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(path).unwrap();
