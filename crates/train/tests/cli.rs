@@ -87,7 +87,12 @@ fn train_eval_generate_and_resume() {
     let run_arg = run_dir.display().to_string();
     let out = run(&["eval", "--run", &run_arg]);
     assert!(out.status.success(), "eval failed: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("val_ppl"), "{}", text(&out.stdout));
+    let report = text(&out.stdout);
+    assert!(report.contains("val_ppl"), "{report}");
+    // seq_len 32: buckets of 4, 4, 8 and 16 positions
+    for bucket in ["| 0-3 ", "| 4-7 ", "| 8-15 ", "| 16-31 "] {
+        assert!(report.contains(bucket), "{bucket} missing in {report}");
+    }
 
     let out = run(&["generate", "--run", &run_arg, "--prompt", "the king", "--max-tokens", "12"]);
     assert!(out.status.success(), "generate failed: {}", text(&out.stderr));
