@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::DataError;
 
 /// A batch of token windows: row `b` of `targets` is row `b` of `inputs` shifted by one token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenBatch {
     /// Input tokens, row-major `[batch_size, seq_len]`.
     pub inputs: Vec<i64>,
@@ -20,6 +20,9 @@ pub struct TokenBatch {
     pub batch_size: usize,
     /// Tokens per row.
     pub seq_len: usize,
+    /// Weight of each target in loss and accuracy, row-major `[batch_size, seq_len]`; `None`
+    /// weighs every target equally.
+    pub weights: Option<Vec<f32>>,
 }
 
 impl TokenBatch {
@@ -38,6 +41,15 @@ impl TokenBatch {
         (to_tensor(&self.inputs), to_tensor(&self.targets))
     }
 
+    /// The target weights on `device`, if the batch has them.
+    ///
+    /// # Shapes
+    /// Returns `[batch_size, seq_len]`.
+    pub fn weights_tensor<B: Backend>(&self, device: &B::Device) -> Option<Tensor<B, 2>> {
+        let shape = [self.batch_size, self.seq_len];
+        self.weights.as_ref().map(|w| Tensor::from_data(TensorData::new(w.clone(), shape), device))
+    }
+
     /// Builds a batch from windows of `seq_len + 1` tokens each.
     fn from_windows<'a>(windows: impl Iterator<Item = &'a [u32]>, seq_len: usize) -> Self {
         let mut inputs = Vec::new();
@@ -49,7 +61,7 @@ impl TokenBatch {
             targets.extend(window[1..].iter().map(|&t| i64::from(t)));
             batch_size += 1;
         }
-        Self { inputs, targets, batch_size, seq_len }
+        Self { inputs, targets, batch_size, seq_len, weights: None }
     }
 }
 

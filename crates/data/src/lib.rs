@@ -19,12 +19,14 @@ mod batch;
 mod cache;
 mod corpus;
 mod error;
+mod synthetic;
 mod tokenizer;
 
 pub use batch::{eval_batches, TokenBatch, WindowSampler};
 pub use cache::{load_or_build_tokens, TokenSplits};
 pub use corpus::{decode_text, fnv1a64, load_corpus_dir, split_documents, Document};
 pub use error::DataError;
+pub use synthetic::{TaskKind, TaskSpec};
 pub use tokenizer::{encode_documents, TextTokenizer, END_OF_TEXT, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};
 
 #[cfg(test)]

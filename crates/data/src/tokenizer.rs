@@ -88,6 +88,40 @@ impl TextTokenizer {
         Self::new(Tokenizer::from(tokenizer))
     }
 
+    /// A word-level tokenizer over a fixed vocabulary: words are split at whitespace, word `i`
+    /// of `words` gets id `i`, anything else maps to `unknown` (which must be one of `words`);
+    /// decoding joins words with spaces.
+    ///
+    /// # Errors
+    /// The vocabulary is empty, `unknown` is not in it, or the tokenizer cannot be built.
+    pub fn word_level(words: &[String], unknown: &str) -> Result<Self, DataError> {
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            words.iter().enumerate().map(|(i, w)| (w.clone(), i.into())).collect();
+        // the tokenizer.json form; the builder API would need the hash map type of its own
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": { "type": "WhitespaceSplit" },
+            "post_processor": null,
+            "decoder": null,
+            "model": { "type": "WordLevel", "vocab": vocab, "unk_token": unknown },
+        });
+        let inner: Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| DataError::tokenizer("build a word-level tokenizer", e))?;
+        if inner.token_to_id(unknown).is_none() {
+            return Err(DataError::tokenizer(
+                "build a word-level tokenizer",
+                format!("the unknown token {unknown} is not in the vocabulary").into(),
+            ));
+        }
+        Self::new(inner)
+    }
+
     /// Loads a tokenizer from a HuggingFace `tokenizer.json` file.
     ///
     /// # Errors

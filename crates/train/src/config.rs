@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use polysketch_data::TaskSpec;
 use polysketch_model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,9 @@ pub struct DataSection {
     pub dir: PathBuf,
     /// A `tokenizer.json` to use; when absent a byte-level BPE is trained on the training split.
     pub tokenizer: Option<PathBuf>,
+    /// A synthetic retrieval task instead of text (`[data.task]`, `kind = "selective_copying"`
+    /// or `"associative_recall"`, with `symbols` and `items`); the text settings are then unused.
+    pub task: Option<TaskSpec>,
     /// Vocabulary size of a trained tokenizer.
     pub vocab_size: usize,
     /// Share of the corpus, in bytes of whole documents, held out for validation.
@@ -47,6 +51,7 @@ impl Default for DataSection {
         Self {
             dir: PathBuf::from("data/gutenberg"),
             tokenizer: None,
+            task: None,
             vocab_size: 8192,
             val_fraction: 0.05,
             split_seed: 0,
@@ -261,6 +266,9 @@ impl RunConfig {
                     self.data.vocab_size
                 ),
             );
+        }
+        if let Some(task) = &self.data.task {
+            task.validate(t.seq_len)?;
         }
         // sizes that need no vocabulary are checked before any data is read
         self.model.resolve(polysketch_data::MIN_VOCAB_SIZE, t.seq_len)?;

@@ -2,32 +2,44 @@
 
 use std::path::Path;
 
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
+use burn::tensor::{ElementConversion, Tensor};
 use polysketch_attention::PolysketchBackend;
-use polysketch_data::{eval_batches, TokenBatch};
+use polysketch_data::TokenBatch;
 use polysketch_model::LanguageModel;
 
 use crate::error::CliError;
 use crate::report::Table;
 use crate::run_dir::RunDir;
-use crate::session::{load_checkpoint, prepare_corpus, TokenizerSource};
+use crate::session::{load_checkpoint, prepare_data, TokenizerSource};
 
-/// Mean next-token loss in nats over every token of `batches`.
-pub fn mean_loss<B: PolysketchBackend>(
+/// Mean next-token loss in nats over the weighted targets of `batches` (every target for
+/// text), and for batches with weights the accuracy of the most likely token on them.
+pub fn evaluate<B: PolysketchBackend>(
     model: &LanguageModel<B>,
     batches: &[TokenBatch],
     device: &B::Device,
-) -> f64 {
-    let (mut total, mut count) = (0.0, 0usize);
+) -> (f64, Option<f64>) {
+    let (mut loss_sum, mut weight_sum, mut correct) = (0.0, 0.0, 0.0);
+    let mut weighted = false;
     for batch in batches {
         let (inputs, targets) = batch.to_tensors::<B>(device);
-        let loss: f64 = model.loss(inputs, targets).into_scalar().elem();
-        let tokens = batch.batch_size * batch.seq_len;
-        total += loss * tokens as f64;
-        count += tokens;
+        let [rows, seq] = inputs.dims();
+        let weights =
+            batch.weights_tensor::<B>(device).unwrap_or_else(|| Tensor::ones([rows, seq], device));
+        weighted |= batch.weights.is_some();
+        let logits = model.forward(inputs);
+        let targets3 = targets.clone().reshape([rows, seq, 1]);
+        let losses = log_softmax(logits.clone(), 2).gather(2, targets3).reshape([rows, seq]).neg();
+        let hits = logits.argmax(2).reshape([rows, seq]).equal(targets).float();
+        let sum = |t: Tensor<B, 2>| -> f64 { t.sum().into_scalar().elem() };
+        loss_sum += sum(losses * weights.clone());
+        correct += sum(hits * weights.clone());
+        weight_sum += sum(weights);
     }
-    total / count.max(1) as f64
+    let weight_sum = weight_sum.max(f64::MIN_POSITIVE);
+    (loss_sum / weight_sum, weighted.then_some(correct / weight_sum))
 }
 
 /// Mean next-token loss of every position in the window, in nats.
@@ -77,11 +89,22 @@ where
     let run = RunDir::new(run_dir);
     let config = run.load_config()?;
     let say = |s: &str| eprintln!("{s}");
-    let corpus = prepare_corpus(&config, TokenizerSource::File(&run.tokenizer_path()), &say)?;
+    let source = TokenizerSource::File(&run.tokenizer_path());
+    let data = prepare_data(&config, source, max_batches, &say)?;
     let (model, state, _) =
-        load_checkpoint::<B::InnerBackend>(&run, &config, &corpus.tokenizer, &device)?;
+        load_checkpoint::<B::InnerBackend>(&run, &config, &data.tokenizer, &device)?;
     let t = &config.train;
-    let batches = eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, max_batches)?;
+    let batches = data.val;
+    if config.data.task.is_some() {
+        let (loss, accuracy) = evaluate(&model, &batches, &device);
+        println!(
+            "step {}: val_loss {loss:.4} | val_accuracy {:.4} on the answers of {} examples",
+            state.step,
+            accuracy.unwrap_or(0.0),
+            batches.iter().map(|b| b.batch_size).sum::<usize>(),
+        );
+        return Ok(());
+    }
     let tokens: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
     let by_position = loss_by_position(&model, &batches, &device);
     let loss = by_position.iter().sum::<f64>() / by_position.len().max(1) as f64;

@@ -21,6 +21,8 @@ pub struct RunMetrics {
     pub val_loss: Vec<(f64, f64)>,
     /// Mean training tokens/s over the logged windows.
     pub tokens_per_sec: Option<f64>,
+    /// Accuracy on the answers at the last evaluation (synthetic tasks only).
+    pub val_accuracy: Option<f64>,
 }
 
 /// A short name for an attention setup: `softmax`, `polynomial-p4`,
@@ -46,12 +48,15 @@ pub fn read_run(dir: &Path) -> Result<RunMetrics, CliError> {
     let text = std::fs::read_to_string(&path).map_err(|e| CliError::io("read", &path, e))?;
     let t = &config.train;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as f64;
-    let (mut val_loss, mut rates) = (Vec::new(), Vec::new());
+    let (mut val_loss, mut rates, mut val_accuracy) = (Vec::new(), Vec::new(), None);
     // a line cut short by a crash is skipped: everything before it is intact
     for record in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
         let step = record["step"].as_f64();
         if let (Some(step), Some(loss)) = (step, record["val_loss"].as_f64()) {
             val_loss.push((step * tokens_per_step, loss));
+        }
+        if let Some(accuracy) = record["val_accuracy"].as_f64() {
+            val_accuracy = Some(accuracy);
         }
         if let Some(rate) = record["tokens_per_sec"].as_f64() {
             rates.push(rate);
@@ -67,6 +72,7 @@ pub fn read_run(dir: &Path) -> Result<RunMetrics, CliError> {
         context: t.seq_len,
         val_loss,
         tokens_per_sec,
+        val_accuracy,
     })
 }
 

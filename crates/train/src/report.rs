@@ -163,6 +163,28 @@ pub fn short_number(v: f64) -> String {
     }
 }
 
+/// Line colours: distinct on white and for common colour-vision deficiencies (Tableau 10).
+const COLOURS: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// Tick count for an axis: one per whole unit of a logarithmic axis (each power of 2 or 10).
+fn tick_count(scale: Scale, range: &std::ops::Range<f64>) -> usize {
+    match scale {
+        Scale::Linear => 10,
+        _ => ((range.end - range.start).ceil() as usize + 1).clamp(2, 12),
+    }
+}
+
 /// Draws `chart` as an SVG file at `path`. Points that a logarithmic axis cannot show (zero,
 /// negative, not finite) are left out.
 pub fn draw_svg(chart: &Chart, path: &Path) -> Result<(), CliError> {
@@ -192,6 +214,8 @@ pub fn draw_svg(chart: &Chart, path: &Path) -> Result<(), CliError> {
     };
     let x_range = range(all.iter().map(|p| p.0).collect());
     let y_range = range(all.iter().map(|p| p.1).collect());
+    let (x_ticks, y_ticks) =
+        (tick_count(chart.x_scale, &x_range), tick_count(chart.y_scale, &y_range));
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| CliError::io("create", parent, e))?;
     }
@@ -208,6 +232,9 @@ pub fn draw_svg(chart: &Chart, path: &Path) -> Result<(), CliError> {
     let x_format = move |v: &f64| short_number(xs.value_at(*v));
     let y_format = move |v: &f64| short_number(ys.value_at(*v));
     plot.configure_mesh()
+        .x_labels(x_ticks)
+        .y_labels(y_ticks)
+        .light_line_style(WHITE.mix(0.0))
         .x_desc(chart.x_label.as_str())
         .y_desc(chart.y_label.as_str())
         .x_label_formatter(&x_format)
@@ -215,7 +242,8 @@ pub fn draw_svg(chart: &Chart, path: &Path) -> Result<(), CliError> {
         .draw()
         .map_err(|e| failed(e.to_string()))?;
     for (i, (name, points)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let (r, g, b) = COLOURS[i % COLOURS.len()];
+        let color = RGBColor(r, g, b).to_rgba();
         plot.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(|e| failed(e.to_string()))?
             .label(name)

@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -10,7 +11,8 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use polysketch_data::{
-    load_corpus_dir, load_or_build_tokens, split_documents, TextTokenizer, TokenSplits,
+    eval_batches, load_corpus_dir, load_or_build_tokens, split_documents, TaskSpec, TextTokenizer,
+    TokenBatch, TokenSplits, WindowSampler,
 };
 use polysketch_model::{LanguageModel, ModelDims};
 
@@ -80,6 +82,80 @@ pub fn prepare_corpus(
         started.elapsed().as_secs_f64()
     ));
     Ok(Corpus { tokenizer, splits })
+}
+
+/// Where training batches come from.
+pub enum Batches {
+    /// Random windows of the training split.
+    Text(WindowSampler),
+    /// Fresh examples of a synthetic task.
+    Task {
+        /// The task.
+        spec: TaskSpec,
+        /// Tokens per example.
+        seq_len: usize,
+        /// The run's seed.
+        seed: u64,
+    },
+}
+
+impl Batches {
+    /// Training batch number `index`: the same for the same seed, index and size.
+    pub fn batch(&self, index: u64, batch_size: usize) -> TokenBatch {
+        match self {
+            Batches::Text(sampler) => sampler.batch(index, batch_size),
+            Batches::Task { spec, seq_len, seed } => {
+                spec.batch(*seq_len, *seed, index * batch_size as u64, batch_size)
+            }
+        }
+    }
+}
+
+/// Everything a run trains and validates on.
+pub struct TrainData {
+    /// Text tokenizer, or the task's word-level one.
+    pub tokenizer: TextTokenizer,
+    /// Training batches.
+    pub train: Batches,
+    /// Validation batches.
+    pub val: Vec<TokenBatch>,
+}
+
+/// Seed of every task run's validation examples, whatever the run's seed: runs that differ
+/// only in seed are scored on the same examples, none of which they trained on.
+const TASK_VALIDATION_SEED: u64 = 0x7A5C_5EED_0000_0001;
+
+/// Loads (or generates) the data of a run. `val_batches` limits the validation batches (for
+/// text, `None` means the whole validation split; for tasks, `train.eval_batches`).
+pub fn prepare_data(
+    config: &RunConfig,
+    source: TokenizerSource<'_>,
+    val_batches: Option<usize>,
+    log: &dyn Fn(&str),
+) -> Result<TrainData, CliError> {
+    let t = &config.train;
+    if let Some(spec) = config.data.task {
+        let tokenizer = match source {
+            TokenizerSource::File(path) => TextTokenizer::from_file(path)?,
+            TokenizerSource::FromConfig => spec.tokenizer()?,
+        };
+        let count = val_batches.unwrap_or(t.eval_batches);
+        let val = (0..count)
+            .map(|i| {
+                spec.batch(t.seq_len, TASK_VALIDATION_SEED, (i * t.batch_size) as u64, t.batch_size)
+            })
+            .collect();
+        log(&format!(
+            "task: {:?} with {} items over {} symbols, {} tokens per example",
+            spec.kind, spec.items, spec.symbols, t.seq_len
+        ));
+        let train = Batches::Task { spec, seq_len: t.seq_len, seed: config.run.seed };
+        return Ok(TrainData { tokenizer, train, val });
+    }
+    let corpus = prepare_corpus(config, source, log)?;
+    let val = eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, val_batches)?;
+    let sampler = WindowSampler::new(Arc::new(corpus.splits.train), t.seq_len, config.run.seed)?;
+    Ok(TrainData { tokenizer: corpus.tokenizer, train: Batches::Text(sampler), val })
 }
 
 /// Resolved model sizes for a tokenizer.

@@ -285,8 +285,17 @@ fn summary(plan: &[PlannedRun], grid: &Grid, out: &Path) -> Result<Table, CliErr
     let mut columns = vec!["run".to_string(), "variant".to_string()];
     columns.extend(grid.grid.keys().cloned());
     columns.extend(
-        ["val loss", "val ppl", "tokens seen", "tokens/s", "peak MiB", "parameters", "wall s"]
-            .map(String::from),
+        [
+            "val loss",
+            "val ppl",
+            "val accuracy",
+            "tokens seen",
+            "tokens/s",
+            "peak MiB",
+            "parameters",
+            "wall s",
+        ]
+        .map(String::from),
     );
     let mut table = Table { columns, rows: Vec::new() };
     for planned in plan {
@@ -301,6 +310,7 @@ fn summary(plan: &[PlannedRun], grid: &Grid, out: &Path) -> Result<Table, CliErr
         row.extend([
             format!("{loss:.4}"),
             format!("{:.2}", loss.exp()),
+            metrics.val_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
             format!("{tokens:.0}"),
             metrics.tokens_per_sec.map_or("-".into(), |r| format!("{r:.0}")),
             record

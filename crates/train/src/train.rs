@@ -2,27 +2,26 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
+use burn::tensor::{ElementConversion, Tensor};
 use polysketch_attention::PolysketchBackend;
-use polysketch_data::{eval_batches, TokenBatch, WindowSampler};
+use polysketch_data::TokenBatch;
 use polysketch_model::LanguageModel;
 use serde_json::json;
 
 use crate::config::{RunConfig, Schedule};
 use crate::error::CliError;
-use crate::eval::mean_loss;
+use crate::eval::evaluate;
 use crate::grads::clip_global_norm;
 use crate::progress::{format_duration, Progress};
 use crate::run_dir::{write_atomic, RunDir, TrainState};
 use crate::session::{
-    fingerprint_hex, load_checkpoint, load_record_bytes, model_dims, new_model, prepare_corpus,
+    fingerprint_hex, load_checkpoint, load_record_bytes, model_dims, new_model, prepare_data,
     CheckpointRecorder, TokenizerSource,
 };
 
@@ -112,13 +111,10 @@ where
     if !resume {
         run.check_free()?;
     }
-    let corpus = prepare_corpus(&config, source, &say)?;
     let t = &config.train;
     // data problems (a split shorter than one window) surface before anything is written
-    let val_batches =
-        eval_batches(&corpus.splits.val, t.seq_len, t.batch_size, Some(t.eval_batches))?;
-    let tokenizer = corpus.tokenizer;
-    let sampler = WindowSampler::new(Arc::new(corpus.splits.train), t.seq_len, config.run.seed)?;
+    let data = prepare_data(&config, source, Some(t.eval_batches), &say)?;
+    let (tokenizer, train_batches, val_batches) = (data.tokenizer, data.train, data.val);
     if !resume {
         run.create(&config)?;
     }
@@ -194,9 +190,9 @@ where
         let mut accumulator = GradientsAccumulator::new();
         let mut step_loss = 0.0;
         for micro in 0..t.grad_accum {
-            let batch = sampler.batch(step * t.grad_accum as u64 + micro as u64, t.batch_size);
-            let (inputs, targets) = batch.to_tensors::<B>(&device);
-            let loss = trainer.model.loss(inputs, targets) / t.grad_accum as f64;
+            let index = step * t.grad_accum as u64 + micro as u64;
+            let batch = train_batches.batch(index, t.batch_size);
+            let loss = batch_loss(&trainer.model, &batch, &device) / t.grad_accum as f64;
             step_loss += loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(loss.backward(), &trainer.model);
             accumulator.accumulate(&trainer.model, grads);
@@ -258,16 +254,21 @@ where
         }
 
         if done % t.eval_every == 0 || done == t.steps {
-            let val_loss = validate(&trainer.model, &val_batches, &device);
+            let (val_loss, accuracy) = evaluate(&trainer.model.valid(), &val_batches, &device);
             let val_ppl = val_loss.exp();
-            metrics.write(&json!({"step": done, "val_loss": val_loss, "val_ppl": val_ppl}))?;
+            let mut record = json!({"step": done, "val_loss": val_loss, "val_ppl": val_ppl});
+            if let Some(a) = accuracy {
+                record["val_accuracy"] = json!(a);
+            }
+            metrics.write(&record)?;
             let trend = match last_val {
                 Some(prev) if val_loss < prev => " (falling)",
                 Some(_) => " (not falling)",
                 None => "",
             };
+            let accuracy = accuracy.map_or(String::new(), |a| format!(" | accuracy {a:.3}"));
             progress.line(&format!(
-                "eval step {done}: val_loss {val_loss:.4} | val_ppl {val_ppl:.1}{trend}"
+                "eval step {done}: val_loss {val_loss:.4} | val_ppl {val_ppl:.1}{accuracy}{trend}"
             ));
             last_val = Some(val_loss);
         }
@@ -304,12 +305,23 @@ where
 const MAX_SKIPPED_IN_A_ROW: u32 = 10;
 
 /// Mean validation loss of the model without autodiff.
-fn validate<B>(model: &LanguageModel<B>, batches: &[TokenBatch], device: &B::Device) -> f64
-where
-    B: AutodiffBackend,
-    B::InnerBackend: PolysketchBackend,
-{
-    mean_loss(&model.valid(), batches, device)
+/// Mean loss of a training batch over its weighted targets (all targets for text).
+///
+/// # Shapes
+/// - returns `[1]`
+fn batch_loss<B: PolysketchBackend>(
+    model: &LanguageModel<B>,
+    batch: &TokenBatch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let (inputs, targets) = batch.to_tensors::<B>(device);
+    match batch.weights_tensor::<B>(device) {
+        None => model.loss(inputs, targets),
+        Some(weights) => {
+            let total = weights.clone().sum();
+            (model.token_losses(inputs, targets) * weights).sum() / total
+        }
+    }
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ context = [{ name = "short", "train.seq_len" = 16, "train.batch_size" = 2 }, { n
         let loss: f64 = row[3].parse().unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{row:?}");
         // 512 tokens: 16 steps of 32 tokens at both lengths
-        assert_eq!(row[5], "512", "{row:?}");
+        assert_eq!(row[6], "512", "{row:?}");
     }
     for chart in ["val_loss.svg", "tokens_per_sec.svg"] {
         assert!(s.path("sweep").join(chart).is_file(), "{chart}");
@@ -181,6 +181,31 @@ context = [{ name = "short", "train.seq_len" = 16, "train.batch_size" = 2 }, { n
     s.write("bad-grid.toml", "[grid]\n\"run.dir\" = [\"x\"]\n");
     let bad = ["sweep", "--config", &s.arg("config.toml"), "--grid", &s.arg("bad-grid.toml")];
     assert_fails(&run(&bad), "chosen by the sweep");
+}
+
+#[test]
+fn synthetic_tasks_train_and_report_accuracy_on_the_answers() {
+    let s = scratch("task");
+    for kind in ["selective_copying", "associative_recall"] {
+        let dir = format!("run.dir=\"{}\"", s.path(kind).display());
+        let task = format!("data.task.kind=\"{kind}\"");
+        let out = s.train(&[&dir, &task, "data.task.items=3", "data.task.symbols=6"]);
+        assert_ok(&out, kind);
+        let records = metrics(&s.path(kind));
+        let evals: Vec<_> = records.iter().filter(|r| r.get("val_accuracy").is_some()).collect();
+        assert_eq!(evals.len(), 2, "{kind}: {records:?}");
+        let accuracy = evals[1]["val_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&accuracy), "{kind}: {accuracy}");
+        // the run's tokenizer is the task's word-level one: symbols decode by name
+        let tokenizer = std::fs::read_to_string(s.path(kind).join("tokenizer.json")).unwrap();
+        assert!(tokenizer.contains("WordLevel") && tokenizer.contains("<sep>"), "{tokenizer}");
+        let out = run(&["eval", "--run", &s.arg(kind)]);
+        assert_ok(&out, "eval");
+        assert!(text(&out.stdout).contains("val_accuracy"), "{}", text(&out.stdout));
+    }
+    let dir = format!("run.dir=\"{}\"", s.path("too-long").display());
+    let too_many = s.train(&[&dir, "data.task.kind=\"associative_recall\"", "data.task.items=9"]);
+    assert_fails(&too_many, "4 * data.task.items");
 }
 
 /// Rows of a CSV file, header first.
