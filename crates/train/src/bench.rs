@@ -153,6 +153,28 @@ struct Measurement {
     repetitions: usize,
 }
 
+impl Measurement {
+    /// A layer or step measurement: seconds per token.
+    fn per_token(
+        variant: Variant,
+        context: usize,
+        seconds_per_token: f64,
+        peak_bytes: usize,
+        repetitions: usize,
+    ) -> Self {
+        let (prefill_rate, cache_bytes) = (None, None);
+        Self {
+            variant,
+            context,
+            value: seconds_per_token,
+            peak_bytes,
+            prefill_rate,
+            cache_bytes,
+            repetitions,
+        }
+    }
+}
+
 /// Runs the benchmark and writes `KIND.md`, `KIND.csv` and `KIND.svg` into the output folder.
 pub fn bench<B>(device: B::Device, options: BenchOptions) -> Result<(), CliError>
 where
@@ -258,16 +280,13 @@ where
         let g = q.grad(&grads).expect("query gradient");
         let _: f32 = g.sum().into_scalar().elem();
     });
-    let tokens = (options.batch * context) as f64;
-    let m = Measurement {
+    let m = Measurement::per_token(
         variant,
         context,
-        value: seconds / tokens,
-        peak_bytes: peak,
-        prefill_rate: None,
-        cache_bytes: None,
-        repetitions: reps,
-    };
+        seconds / (options.batch * context) as f64,
+        peak,
+        reps,
+    );
     (m, warm_up)
 }
 
@@ -311,16 +330,13 @@ where
         // asynchronous backends finish the step before the clock stops
         let _ = B::sync(device);
     });
-    let tokens = (options.batch * context) as f64;
-    let m = Measurement {
+    let m = Measurement::per_token(
         variant,
         context,
-        value: seconds / tokens,
-        peak_bytes: peak,
-        prefill_rate: None,
-        cache_bytes: None,
-        repetitions: reps,
-    };
+        seconds / (options.batch * context) as f64,
+        peak,
+        reps,
+    );
     Ok((m, warm_up))
 }
 
