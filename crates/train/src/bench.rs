@@ -203,6 +203,23 @@ where
                 eprintln!("{} at {context}: skipped (--max-seconds)", variant.name());
                 continue;
             }
+            // a measurement that would exhaust memory is skipped, not left to the OOM killer
+            let previous = results.iter().rev().find(|m| m.variant == variant);
+            if let (Some(m), Some(available)) = (previous, available_bytes()) {
+                let needed = m.peak_bytes as f64 * context as f64 / m.context as f64;
+                if needed > 0.85 * available as f64 {
+                    eprintln!(
+                        "{} at {context}: skipped, needs about {:.1} GiB (extrapolated from {}), \
+                         {:.1} GiB available",
+                        variant.name(),
+                        needed / GIB,
+                        m.context,
+                        available as f64 / GIB
+                    );
+                    too_slow = true;
+                    continue;
+                }
+            }
             eprint!("{} at {context}: ", variant.name());
             let m = match options.kind {
                 BenchKind::Layer => measure_layer::<B>(&device, &options, variant, context),
@@ -226,6 +243,16 @@ where
     println!("{}", table.markdown());
     eprintln!("wrote {}, {} and {}", markdown.display(), csv.display(), svg.display());
     Ok(())
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Memory the system can still give this process (Linux `MemAvailable`), if known.
+fn available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Times `run` once to warm up (and measure peak memory), then repeats it until the repetitions
@@ -466,46 +493,52 @@ fn table(options: &BenchOptions, results: &[Measurement]) -> Table {
 }
 
 fn chart(options: &BenchOptions, results: &[Measurement]) -> Chart {
-    let series = options
-        .variants
+    let points: Vec<(String, f64, f64)> = results
         .iter()
-        .map(|&variant| Series {
-            name: variant.name(),
-            points: results
-                .iter()
-                .filter(|m| m.variant == variant)
-                .map(|m| {
-                    let y = if options.kind == BenchKind::Decode { m.value } else { m.value * 1e6 };
-                    (m.context as f64, y)
-                })
-                .collect(),
+        .map(|m| {
+            let y = if options.kind == BenchKind::Decode { m.value } else { m.value * 1e6 };
+            (m.variant.name(), m.context as f64, y)
         })
         .collect();
-    let (title, x_label, y_label) = match options.kind {
-        BenchKind::Layer => (
-            format!(
-                "One attention layer, forward + backward ({} heads of {}, r = {}, b = {}, {})",
-                options.heads,
-                options.head_dim,
-                options.sketch_dim,
-                options.block_size,
-                options.device_name
-            ),
-            "context length",
-            "µs per token",
+    let title = match options.kind {
+        BenchKind::Layer => format!(
+            "One attention layer, forward + backward ({} heads of {}, r = {}, b = {}, {})",
+            options.heads,
+            options.head_dim,
+            options.sketch_dim,
+            options.block_size,
+            options.device_name
         ),
-        BenchKind::Step => (
+        BenchKind::Step => {
             format!("Training step, {:?} model ({})", options.preset, options.device_name)
-                .to_lowercase(),
-            "context length",
-            "µs per token",
-        ),
-        BenchKind::Decode => (
-            format!("Decoding, {:?} model ({})", options.preset, options.device_name)
-                .to_lowercase(),
-            "prompt length",
-            "tokens per second",
-        ),
+                .to_lowercase()
+        }
+        BenchKind::Decode => {
+            format!("Decoding, {:?} model ({})", options.preset, options.device_name).to_lowercase()
+        }
+    };
+    chart_of(options.kind, title, &points)
+}
+
+/// A benchmark chart: one line per variant through `(variant, context, value)` points, value
+/// in µs per token (layer, step) or tokens per second (decode).
+fn chart_of(kind: BenchKind, title: String, points: &[(String, f64, f64)]) -> Chart {
+    let mut names: Vec<&String> = Vec::new();
+    for (name, _, _) in points {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let series = names
+        .into_iter()
+        .map(|name| Series {
+            name: name.clone(),
+            points: points.iter().filter(|p| &p.0 == name).map(|p| (p.1, p.2)).collect(),
+        })
+        .collect();
+    let (x_label, y_label) = match kind {
+        BenchKind::Decode => ("prompt length", "tokens per second"),
+        _ => ("context length", "µs per token"),
     };
     Chart {
         title,
@@ -515,4 +548,37 @@ fn chart(options: &BenchOptions, results: &[Measurement]) -> Chart {
         y_scale: Scale::Log10,
         series,
     }
+}
+
+/// Draws the chart of a benchmark table written by `polysketch bench` (`KIND.csv`) as
+/// `KIND.svg` beside it, e.g. for the part of a long benchmark that finished; returns its path.
+pub fn redraw(csv: &std::path::Path) -> Result<PathBuf, CliError> {
+    let bad = |why: String| CliError::Run(format!("`{}`: {why}", csv.display()));
+    let text = std::fs::read_to_string(csv).map_err(|e| CliError::io("read", csv, e))?;
+    let mut lines = text.lines();
+    let header = lines.next().ok_or_else(|| bad("empty file".into()))?;
+    let kind = match header.split(',').nth(2) {
+        Some("decode tokens/s") => BenchKind::Decode,
+        Some("µs/token") => BenchKind::Layer,
+        _ => return Err(bad("not a table written by polysketch bench".into())),
+    };
+    let mut points = Vec::new();
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let number = |i: usize| -> Result<f64, CliError> {
+            cells
+                .get(i)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| bad(format!("bad row `{line}`")))
+        };
+        points.push((cells[0].to_string(), number(1)?, number(2)?));
+    }
+    let stem = csv.file_stem().map_or("bench".into(), |s| s.to_string_lossy().to_string());
+    let title = match kind {
+        BenchKind::Decode => "Decoding speed against prompt length".to_string(),
+        _ => format!("{stem}: forward + backward time per token"),
+    };
+    let svg = csv.with_extension("svg");
+    draw_svg(&chart_of(kind, title, &points), &svg)?;
+    Ok(svg)
 }

@@ -125,6 +125,9 @@ enum Command {
         /// Folder for the runs, summary.md, summary.csv and the charts.
         #[arg(long, default_value = "runs/sweep")]
         out: PathBuf,
+        /// Train nothing: summarise and plot the runs that exist so far.
+        #[arg(long)]
+        summary_only: bool,
         /// Device to train on.
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
@@ -132,8 +135,12 @@ enum Command {
     /// Draw validation loss against tokens seen, and tokens/s against context length, for runs.
     Plot {
         /// Run directories written by `polysketch train`.
-        #[arg(required = true, value_name = "RUN_DIR")]
+        #[arg(required_unless_present = "bench", value_name = "RUN_DIR")]
         runs: Vec<PathBuf>,
+        /// Instead of runs: redraw the chart of a `polysketch bench` table (KIND.csv) as
+        /// KIND.svg beside it.
+        #[arg(long, value_name = "CSV", conflicts_with = "runs")]
+        bench: Option<PathBuf>,
         /// Folder for val_loss.svg and tokens_per_sec.svg.
         #[arg(long, default_value = "plots")]
         out: PathBuf,
@@ -227,13 +234,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let options = SampleOptions { prompt, max_tokens, temperature, top_k, top_p, seed };
             on_device!(device, generate::generate, &run, options)
         }
-        Command::Sweep { config, grid, overrides, out, device } => {
-            sweep::sweep(&config, &grid, &overrides, &out, |config, resume| {
+        Command::Sweep { config, grid, overrides, out, summary_only, device } => {
+            sweep::sweep(&config, &grid, &overrides, &out, summary_only, |config, resume| {
                 let options = TrainOptions { resume, device_name: device_name(device) };
                 on_device!(device, train::train, config, options)
             })
         }
-        Command::Plot { runs, out } => {
+        Command::Plot { bench: Some(csv), .. } => {
+            println!("wrote {}", bench::redraw(&csv)?.display());
+            Ok(())
+        }
+        Command::Plot { runs, out, bench: None } => {
             for path in plot::plot(&runs, &out)? {
                 println!("wrote {}", path.display());
             }

@@ -218,12 +218,14 @@ fn run_config(
 }
 
 /// Runs every planned run that has not finished (resuming interrupted ones), then writes
-/// `summary.md`, `summary.csv`, `val_loss.svg` and `tokens_per_sec.svg` into `out`.
+/// `summary.md`, `summary.csv`, `val_loss.svg` and `tokens_per_sec.svg` into `out`. With
+/// `summary_only`, nothing is trained: the summary covers the runs that exist.
 pub fn sweep(
     base: &Path,
     grid_path: &Path,
     extra: &[String],
     out: &Path,
+    summary_only: bool,
     mut train_one: impl FnMut(RunConfig, bool) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
     let grid = Grid::load(grid_path)?;
@@ -235,7 +237,8 @@ pub fn sweep(
         .collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(out).map_err(|e| CliError::io("create", out, e))?;
     eprintln!("sweep: {} runs into `{}`", plan.len(), out.display());
-    for (i, (planned, config)) in plan.iter().zip(configs).enumerate() {
+    let to_train = if summary_only { Vec::new() } else { configs };
+    for (i, (planned, config)) in plan.iter().zip(to_train).enumerate() {
         let run = RunDir::new(&config.run.dir);
         let record_path = run.root().join("sweep.json");
         if run.root().join("DONE").is_file() && record_path.is_file() {
@@ -269,8 +272,17 @@ pub fn sweep(
     }
     let table = summary(&plan, &grid, out)?;
     let [markdown, csv] = table.save(out, "summary")?;
-    let dirs: Vec<PathBuf> = plan.iter().map(|p| out.join(&p.name)).collect();
-    let charts = plot(&dirs, out)?;
+    let dirs: Vec<PathBuf> = plan
+        .iter()
+        .map(|p| out.join(&p.name))
+        .filter(|d| RunDir::new(d).metrics_path().is_file())
+        .collect();
+    let charts = if dirs.is_empty() {
+        eprintln!("no run has logged metrics yet: no charts");
+        Vec::new()
+    } else {
+        plot(&dirs, out)?
+    };
     println!("{}", table.markdown());
     eprintln!("wrote {}, {}", markdown.display(), csv.display());
     for chart in charts {
@@ -300,13 +312,18 @@ fn summary(plan: &[PlannedRun], grid: &Grid, out: &Path) -> Result<Table, CliErr
     let mut table = Table { columns, rows: Vec::new() };
     for planned in plan {
         let dir = out.join(&planned.name);
+        let mut row = vec![planned.name.clone(), planned.variant.clone()];
+        row.extend(planned.axes.iter().map(|(_, v)| v.clone()));
+        if !RunDir::new(&dir).metrics_path().is_file() {
+            row.resize(table.columns.len(), "not run".into());
+            table.rows.push(row);
+            continue;
+        }
         let metrics = read_run(&dir)?;
         let record: Option<RunRecord> = std::fs::read_to_string(dir.join("sweep.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
         let (tokens, loss) = metrics.val_loss.last().copied().unwrap_or((0.0, f64::NAN));
-        let mut row = vec![planned.name.clone(), planned.variant.clone()];
-        row.extend(planned.axes.iter().map(|(_, v)| v.clone()));
         row.extend([
             format!("{loss:.4}"),
             format!("{:.2}", loss.exp()),

@@ -160,6 +160,13 @@ context = [{ name = "short", "train.seq_len" = 16, "train.batch_size" = 2 }, { n
     let out_dir = s.arg("sweep");
     let mut args = args.to_vec();
     args.extend(["--out", &out_dir, "--set", "train.eval_batches=1"]);
+    // before anything ran, a summary lists every planned run as not run
+    let mut summary_only = args.clone();
+    summary_only.push("--summary-only");
+    assert_ok(&run(&summary_only), "summary before any run");
+    let rows = csv_rows(&s.path("sweep/summary.csv"));
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert!(rows[1..].iter().all(|r| r[3] == "not run"), "{rows:?}");
     let out = run(&args);
     assert_ok(&out, "sweep");
     let rows = csv_rows(&s.path("sweep/summary.csv"));
@@ -263,6 +270,11 @@ fn benchmarks_write_tables_with_softmax_ratios_and_charts() {
     };
     assert_eq!(cache("polysketch-learned-local", "32"), cache("polysketch-learned-local", "64"));
     assert_ne!(cache("softmax", "32"), cache("softmax", "64"));
+    // a table's chart can be redrawn from its CSV alone
+    std::fs::remove_file(s.path("layer/layer.svg")).unwrap();
+    assert_ok(&run(&["plot", "--bench", &s.arg("layer/layer.csv")]), "redraw");
+    assert!(s.path("layer/layer.svg").is_file());
+    assert_fails(&run(&["plot", "--bench", &s.arg("config.toml")]), "not a table");
     assert_fails(&run(&["bench", "layer", "--contexts", "0"]), "positive");
     assert_fails(&run(&["bench", "layer", "--sketch-dim", "0", "--contexts", "8"]), "sketch_dim");
 }
