@@ -55,6 +55,14 @@ fn summary<B: Backend>(key_features: Tensor<B, 4>, value1: Tensor<B, 4>) -> Tens
     self_tensor(key_features).swap_dims(2, 3).matmul(value1)
 }
 
+/// The state before any token: zeros `[batch, heads, sketch_dim², head_dim + 1]`, sized from
+/// key features `[batch, heads, .., sketch_dim]` and values with ones `[.., head_dim + 1]`.
+fn empty_state<B: Backend>(key_features: &Tensor<B, 4>, value1: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, _, sketch_dim] = key_features.dims();
+    let width = value1.dims()[3];
+    Tensor::zeros([batch, heads, sketch_dim * sketch_dim, width], &value1.device())
+}
+
 fn append<B: Backend>(past: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
     Tensor::cat(vec![past, new], 2)
 }
@@ -88,7 +96,7 @@ impl<B: Backend> AttentionKernel<B> {
         key: Tensor<B, 4>,
         value: Tensor<B, 4>,
     ) -> DecodeCache<B> {
-        let [batch, heads, seq, head_dim] = value.dims();
+        let seq = value.dims()[2];
         if seq == 0 {
             return DecodeCache::Empty;
         }
@@ -110,9 +118,7 @@ impl<B: Backend> AttentionKernel<B> {
         let state = if folded > 0 {
             summary(key_features.clone().narrow(2, 0, folded), value1.clone().narrow(2, 0, folded))
         } else {
-            let sketch_dim = key_features.dims()[3];
-            let shape = [batch, heads, sketch_dim * sketch_dim, head_dim + 1];
-            Tensor::zeros(shape, &value1.device())
+            empty_state(&key_features, &value1)
         };
         let open = seq - folded;
         let block = (
@@ -175,16 +181,11 @@ impl<B: Backend> AttentionKernel<B> {
         key: Tensor<B, 4>,
         value: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        let [batch, heads, _, head_dim] = value.dims();
         let value1 = with_ones(value);
         let (query_features, key_features, local) = self.sketch_inputs(query, key);
-        let sketch_dim = key_features.dims()[3];
         let (mut state, mut block) = match std::mem::replace(cache, DecodeCache::Empty) {
             DecodeCache::Sketch { state, block } => (state, block),
-            _ => {
-                let shape = [batch, heads, sketch_dim * sketch_dim, head_dim + 1];
-                (Tensor::zeros(shape, &value1.device()), None)
-            }
+            _ => (empty_state(&key_features, &value1), None),
         };
         let q_tensor = self_tensor(query_features);
 
