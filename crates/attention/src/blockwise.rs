@@ -13,17 +13,21 @@ use burn::tensor::Tensor;
 
 use crate::ops::{int_power, self_tensor, with_ones, LocalExact};
 
-/// What the forward pass keeps for the backward pass.
+/// What the forward pass of the block algorithm keeps for its backward pass; `T` is a tensor
+/// or a backend's tensor primitive, `P` the type of the prefix states.
 #[derive(Debug, Clone)]
-pub struct BlockwiseSaved<B: Backend> {
+pub struct PolysketchSaved<T, P = T> {
     /// The output `[batch, heads, seq, head_dim]`.
-    pub output: Tensor<B, 4>,
+    pub output: T,
     /// Row denominators `1 + Σ_j w_ij`, `[batch, heads, seq, 1]`.
-    pub denominator: Tensor<B, 4>,
-    /// Exclusive prefix state before each block, `[batch, heads, sketch_dim², head_dim + 1]`
-    /// (`None` for the first block, whose prefix is zero).
-    pub prefixes: Vec<Option<Tensor<B, 4>>>,
+    pub denominator: T,
+    /// Exclusive prefix state `Z_l` before each block `l` (zero for the first block),
+    /// `[batch, heads, blocks, sketch_dim², head_dim + 1]`.
+    pub prefixes: P,
 }
+
+/// [`PolysketchSaved`] of Burn tensors.
+pub type BlockwiseSaved<B> = PolysketchSaved<Tensor<B, 4>, Tensor<B, 5>>;
 
 /// Positions `start..start + len` of dimension 2.
 fn rows<B: Backend>(x: &Tensor<B, 4>, start: usize, len: usize) -> Tensor<B, 4> {
@@ -70,6 +74,7 @@ pub fn blockwise_forward<B: Backend>(
 ) -> BlockwiseSaved<B> {
     let [_, _, seq, head_dim] = value.dims();
     assert!(block_size > 0, "polysketch_causal: block_size must be positive");
+    let [batch, heads, _, sketch_dim] = query_features.dims();
     let mut state: Option<Tensor<B, 4>> = None;
     let (mut results, mut prefixes) = (Vec::new(), Vec::new());
     for (start, len) in blocks(seq, block_size) {
@@ -87,7 +92,10 @@ pub fn blockwise_forward<B: Backend>(
             result = result + self_tensor(fq).matmul(z.clone());
         }
         let summary = self_tensor(fk).swap_dims(2, 3).matmul(v1);
-        prefixes.push(state.clone());
+        prefixes.push(state.clone().unwrap_or_else(|| {
+            let zeros = [batch, heads, sketch_dim * sketch_dim, head_dim + 1];
+            Tensor::zeros(zeros, &value.device())
+        }));
         state = Some(match state {
             Some(z) => z + summary,
             None => summary,
@@ -97,7 +105,7 @@ pub fn blockwise_forward<B: Backend>(
     let result = Tensor::cat(results, 2);
     let denominator = result.clone().narrow(3, head_dim, 1) + 1.0;
     let output = result.narrow(3, 0, head_dim) / denominator.clone();
-    BlockwiseSaved { output, denominator, prefixes }
+    PolysketchSaved { output, denominator, prefixes: Tensor::stack(prefixes, 2) }
 }
 
 /// Gradient of `x ⊗ x` (flattened) back to `x`: `dx_a = Σ_b (D_ab + D_ba) x_b`.
@@ -128,7 +136,7 @@ pub fn blockwise_backward<B: Backend>(
     grad_output: Tensor<B, 4>,
 ) -> Vec<Tensor<B, 4>> {
     let [_, _, seq, _] = value.dims();
-    let BlockwiseSaved { output, denominator, prefixes } = saved;
+    let PolysketchSaved { output, denominator, prefixes } = saved;
     // R = [o·den, den - 1]: dR = [dO / den, -(dO·o) / den]
     let d_result = Tensor::cat(
         vec![
@@ -138,8 +146,8 @@ pub fn blockwise_backward<B: Backend>(
         3,
     );
     let mut suffix: Option<Tensor<B, 4>> = None;
-    let mut grads: Vec<[Tensor<B, 4>; 5]> = Vec::new();
-    for ((start, len), prefix) in blocks(seq, block_size).into_iter().zip(prefixes).rev() {
+    let mut grads: Vec<Vec<Tensor<B, 4>>> = Vec::new();
+    for (index, (start, len)) in blocks(seq, block_size).into_iter().enumerate().rev() {
         let fq = rows(&query_features, start, len);
         let fk = rows(&key_features, start, len);
         let v1 = with_ones(rows(&value, start, len));
@@ -162,7 +170,8 @@ pub fn blockwise_backward<B: Backend>(
             let d_k_tensor = v1.clone().matmul(g.clone().swap_dims(2, 3));
             d_fk = d_fk + self_tensor_backward(d_k_tensor, fk.clone());
         }
-        if let Some(z) = prefix {
+        if index > 0 {
+            let z = prefixes.clone().narrow(2, index, 1).squeeze_dim::<4>(2);
             let d_q_tensor = d_r.clone().matmul(z.swap_dims(2, 3));
             d_fq = d_fq + self_tensor_backward(d_q_tensor, fq.clone());
         }
@@ -178,21 +187,21 @@ pub fn blockwise_backward<B: Backend>(
         let d_weights = d_r.matmul(v1.swap_dims(2, 3)) * causal;
         let head_dim = d_v1.dims()[3] - 1;
         let d_v = d_v1.narrow(3, 0, head_dim);
-        let (d_lq, d_lk) = match &block_local {
+        grads.push(match &block_local {
             Some(l) => {
                 let slope = int_power(scores, l.degree - 1) * l.degree as f64;
                 let d_s = d_weights * slope;
-                (d_s.clone().matmul(l.key.clone()), d_s.swap_dims(2, 3).matmul(l.query.clone()))
+                let d_lq = d_s.clone().matmul(l.key.clone());
+                let d_lk = d_s.swap_dims(2, 3).matmul(l.query.clone());
+                vec![d_fq, d_fk, d_v, d_lq, d_lk]
             }
             None => {
                 let d_s = d_weights * scores * 2.0;
                 d_fq = d_fq + d_s.clone().matmul(fk.clone());
                 d_fk = d_fk + d_s.swap_dims(2, 3).matmul(fq.clone());
-                let zero = Tensor::zeros([1, 1, 1, 1], &fq.device());
-                (zero.clone(), zero)
+                vec![d_fq, d_fk, d_v]
             }
-        };
-        grads.push([d_fq, d_fk, d_v, d_lq, d_lk]);
+        });
     }
     grads.reverse();
     let inputs = if local.is_some() { 5 } else { 3 };

@@ -27,12 +27,15 @@
 mod blockwise;
 mod config;
 mod decode;
+#[cfg(feature = "kernels")]
+pub mod gpu;
 mod kernel;
 pub mod lean;
 mod ops;
 pub mod reference;
 mod sketch;
 
+pub use blockwise::PolysketchSaved;
 pub use config::{AttentionConfig, AttentionKind, ConfigError, SketchKind, SketchScaling};
 pub use decode::DecodeCache;
 pub use kernel::AttentionKernel;

@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::blockwise::{blockwise_backward, blockwise_forward, BlockwiseSaved};
+use crate::blockwise::{blockwise_backward, blockwise_forward, PolysketchSaved};
 use crate::lean::{lean_attention_backward, lean_attention_forward, CausalWeights};
 
 /// Exact local blocks: normalised queries and keys whose `degree`-th power of the dot product
@@ -26,6 +26,13 @@ pub struct LocalExact<T> {
     pub key: T,
     /// Even degree `p` of the exact local weight `(q̂·k̂)^p`.
     pub degree: u32,
+}
+
+impl<T> LocalExact<T> {
+    /// The same local blocks with both tensors converted by `f`.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> LocalExact<U> {
+        LocalExact { query: f(self.query), key: f(self.key), degree: self.degree }
+    }
 }
 
 /// Backend extension with the attention operations: the causal polysketch block algorithm and
@@ -64,6 +71,51 @@ pub trait PolysketchBackend: Backend {
         )
         .into_primitive()
         .tensor()
+    }
+
+    /// Forward pass of the block algorithm under autodiff: the output with what
+    /// [`PolysketchBackend::polysketch_backward`] needs (denominators and one prefix state per
+    /// block), so nothing of size `seq · sketch_dim²` is kept.
+    ///
+    /// # Shapes
+    /// - inputs as for [`PolysketchBackend::polysketch_causal`]
+    /// - returns output `[batch, heads, seq, head_dim]`, denominators `[batch, heads, seq, 1]`
+    ///   and prefixes `[batch, heads, blocks, sketch_dim², head_dim + 1]`
+    fn polysketch_forward(
+        query_features: FloatTensor<Self>,
+        key_features: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        local: Option<LocalExact<FloatTensor<Self>>>,
+        block_size: usize,
+    ) -> PolysketchSaved<FloatTensor<Self>> {
+        composed_polysketch_forward::<Self>(query_features, key_features, value, local, block_size)
+    }
+
+    /// Gradients of the block algorithm from the saved forward state: those of the features and
+    /// values, then of the local queries and keys when `local` is given.
+    ///
+    /// # Shapes
+    /// - inputs as for [`PolysketchBackend::polysketch_forward`], `saved` as it returns
+    /// - `grad_output`: `[batch, heads, seq, head_dim]`
+    /// - returns one gradient per input, each of its input's shape
+    fn polysketch_backward(
+        query_features: FloatTensor<Self>,
+        key_features: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        local: Option<LocalExact<FloatTensor<Self>>>,
+        block_size: usize,
+        saved: PolysketchSaved<FloatTensor<Self>>,
+        grad_output: FloatTensor<Self>,
+    ) -> Vec<FloatTensor<Self>> {
+        composed_polysketch_backward::<Self>(
+            query_features,
+            key_features,
+            value,
+            local,
+            block_size,
+            saved,
+            grad_output,
+        )
     }
 
     /// Exact causal attention that stores only its output and one statistic per row for the
@@ -130,6 +182,57 @@ pub trait PolysketchBackend: Backend {
     }
 }
 
+/// [`PolysketchBackend::polysketch_forward`] composed from tensor operations, one block at a time.
+pub(crate) fn composed_polysketch_forward<B: Backend>(
+    query_features: FloatTensor<B>,
+    key_features: FloatTensor<B>,
+    value: FloatTensor<B>,
+    local: Option<LocalExact<FloatTensor<B>>>,
+    block_size: usize,
+) -> PolysketchSaved<FloatTensor<B>> {
+    let saved = blockwise_forward(
+        wrap::<B>(query_features),
+        wrap(key_features),
+        wrap(value),
+        local.map(|l| l.map(wrap::<B>)),
+        block_size,
+    );
+    PolysketchSaved {
+        output: unwrap(saved.output),
+        denominator: unwrap(saved.denominator),
+        prefixes: saved.prefixes.into_primitive().tensor(),
+    }
+}
+
+/// [`PolysketchBackend::polysketch_backward`] composed from tensor operations.
+pub(crate) fn composed_polysketch_backward<B: Backend>(
+    query_features: FloatTensor<B>,
+    key_features: FloatTensor<B>,
+    value: FloatTensor<B>,
+    local: Option<LocalExact<FloatTensor<B>>>,
+    block_size: usize,
+    saved: PolysketchSaved<FloatTensor<B>>,
+    grad_output: FloatTensor<B>,
+) -> Vec<FloatTensor<B>> {
+    let saved: PolysketchSaved<_, Tensor<B, 5>> = PolysketchSaved {
+        output: wrap::<B>(saved.output),
+        denominator: wrap(saved.denominator),
+        prefixes: Tensor::from_primitive(TensorPrimitive::Float(saved.prefixes)),
+    };
+    blockwise_backward(
+        wrap::<B>(query_features),
+        wrap(key_features),
+        wrap(value),
+        local.map(|l| l.map(wrap::<B>)),
+        block_size,
+        saved,
+        wrap(grad_output),
+    )
+    .into_iter()
+    .map(unwrap)
+    .collect()
+}
+
 fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
@@ -185,42 +288,36 @@ struct PolysketchBackward<const N: usize> {
     degree: u32,
 }
 
-/// Saved inputs, output, denominators and prefix states of [`PolysketchBackward`].
-type PolysketchState<B> =
-    (Vec<NodeId>, FloatTensor<B>, FloatTensor<B>, Vec<Option<FloatTensor<B>>>);
+/// Saved inputs and forward state of [`PolysketchBackward`].
+type PolysketchState<B> = (Vec<NodeId>, PolysketchSaved<FloatTensor<B>>);
 
 impl<B: PolysketchBackend, const N: usize> Backward<B, N> for PolysketchBackward<N> {
     type State = PolysketchState<B>;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, saved: &mut Checkpointer) {
-        let (ids, output, denominator, prefixes) = ops.state;
+        let (ids, forward) = ops.state;
         let grad_output = grads.consume::<B>(&ops.node);
-        let inputs: Vec<Tensor<B, 4>> = ids
-            .into_iter()
-            .map(|id| wrap(saved.retrieve_node_output::<FloatTensor<B>>(id)))
-            .collect();
-        let local = (N == 5).then(|| LocalExact {
-            query: inputs[3].clone(),
-            key: inputs[4].clone(),
-            degree: self.degree,
+        let mut inputs: Vec<FloatTensor<B>> =
+            ids.into_iter().map(|id| saved.retrieve_node_output::<FloatTensor<B>>(id)).collect();
+        let local = (N == 5).then(|| {
+            let key = inputs.pop().expect("five inputs");
+            let query = inputs.pop().expect("five inputs");
+            LocalExact { query, key, degree: self.degree }
         });
-        let saved = BlockwiseSaved {
-            output: wrap(output),
-            denominator: wrap(denominator),
-            prefixes: prefixes.into_iter().map(|p| p.map(wrap)).collect(),
-        };
-        let gradients = blockwise_backward(
-            inputs[0].clone(),
-            inputs[1].clone(),
-            inputs[2].clone(),
+        let [query_features, key_features, value]: [FloatTensor<B>; 3] =
+            inputs.try_into().unwrap_or_else(|_| unreachable!("three feature inputs"));
+        let gradients = B::polysketch_backward(
+            query_features,
+            key_features,
+            value,
             local,
             self.block_size,
-            saved,
-            wrap(grad_output),
+            forward,
+            grad_output,
         );
         for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
             if let Some(node) = parent {
-                grads.register::<B>(node.id, unwrap(gradient));
+                grads.register::<B>(node.id, gradient);
             }
         }
     }
@@ -234,25 +331,17 @@ fn track_polysketch<B: PolysketchBackend, C: CheckpointStrategy, const N: usize>
 ) -> FloatTensor<Autodiff<B, C>> {
     let nodes = inputs.clone().map(|t| t.node);
     let step = PolysketchBackward::<N> { block_size, degree };
-    let inner = |i: usize| wrap::<B>(inputs[i].primitive.clone());
+    let inner = |i: usize| inputs[i].primitive.clone();
     let local = (N == 5).then(|| LocalExact { query: inner(3), key: inner(4), degree });
     match step.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(mut prep) => {
             let ids = inputs.iter().map(|t| prep.checkpoint(t)).collect();
-            let saved = blockwise_forward(inner(0), inner(1), inner(2), local, block_size);
-            let output = unwrap(saved.output);
-            let prefixes = saved.prefixes.into_iter().map(|p| p.map(unwrap)).collect();
-            let state = (ids, output.clone(), unwrap(saved.denominator), prefixes);
-            prep.finish(state, output)
+            let saved = B::polysketch_forward(inner(0), inner(1), inner(2), local, block_size);
+            let output = saved.output.clone();
+            prep.finish((ids, saved), output)
         }
         OpsKind::UnTracked(prep) => {
-            let local = local.map(|l| LocalExact {
-                query: unwrap(l.query),
-                key: unwrap(l.key),
-                degree: l.degree,
-            });
-            let [q, k, v] = [0, 1, 2].map(|i| inputs[i].primitive.clone());
-            prep.finish(B::polysketch_causal(q, k, v, local, block_size))
+            prep.finish(B::polysketch_causal(inner(0), inner(1), inner(2), local, block_size))
         }
     }
 }
@@ -309,12 +398,6 @@ impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff
         }
     }
 }
-
-#[cfg(feature = "wgpu")]
-impl PolysketchBackend for burn::backend::Wgpu {}
-
-#[cfg(feature = "cuda")]
-impl PolysketchBackend for burn::backend::Cuda {}
 
 /// Memory-lean exact causal attention through the backend's implementation.
 ///

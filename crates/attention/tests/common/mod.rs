@@ -50,7 +50,15 @@ pub fn rel_max_diff<B: Backend, const D: usize>(
     assert_eq!(actual.dims(), expected.dims(), "shapes differ");
     let (a, e) = (values(actual), values(expected));
     let scale = e.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(&e).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    // f64::max ignores NaN: count a NaN difference (an unwritten or broken element) explicitly
+    let diff = a.iter().zip(&e).fold(0.0f64, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
     assert!(diff.is_finite(), "non-finite difference");
     diff / scale
 }
