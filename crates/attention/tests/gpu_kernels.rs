@@ -1,18 +1,16 @@
-//! The fused CubeCL kernels on the wgpu backend against the plain references, forward and every
-//! gradient, on the raw `CubeBackend` and through Burn's `Fusion` wrapper.
+//! The fused CubeCL kernels against the plain references, forward and every gradient, on the raw
+//! `CubeBackend` and through Burn's `Fusion` wrapper: on wgpu (`--features wgpu`; without a GPU,
+//! Mesa's software Vulkan driver serves) and on CUDA (`--features cuda`, an NVIDIA GPU).
 //!
-//! Needs a Vulkan device; without a GPU, Mesa's software driver (`mesa-vulkan-drivers`) serves.
 //! Every kernel output starts filled with NaN, so an element a kernel does not write fails the
 //! comparison, and each test checks that the kernels ran rather than the plain fallback.
 
-#![cfg(feature = "wgpu")]
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 mod common;
 
 use std::sync::Mutex;
 
-use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use common::*;
@@ -22,11 +20,6 @@ use polysketch_attention::reference::{
 };
 use polysketch_attention::PolysketchBackend;
 use polysketch_attention::{lean_attention, polysketch_causal, CausalWeights, LocalExact};
-
-/// The kernels without operation fusion.
-type Raw = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
-/// The wgpu backend as Burn builds it by default: `Fusion` around the same kernels.
-type Fused = Autodiff<Wgpu>;
 
 /// One test at a time, so the kernel launch counter counts only the running test's kernels.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -177,30 +170,47 @@ fn lean_matches_reference<G: AutodiffBackend + PolysketchBackend>() {
     }
 }
 
-#[test]
-fn polysketch_kernels_match_the_reference() {
-    polysketch_matches_reference::<Raw>();
+/// The kernel tests for one CubeCL runtime: `$raw` is its `CubeBackend`, `$fused` the backend
+/// Burn builds by default, `Fusion` around it.
+macro_rules! kernel_tests {
+    ($name:ident, $raw:ty, $fused:ty) => {
+        mod $name {
+            use super::*;
+
+            type Raw = burn::backend::Autodiff<$raw>;
+            type Fused = burn::backend::Autodiff<$fused>;
+
+            #[test]
+            fn polysketch_kernels_match_the_reference() {
+                polysketch_matches_reference::<Raw>();
+            }
+
+            #[test]
+            fn polysketch_kernels_match_the_reference_through_fusion() {
+                polysketch_matches_reference::<Fused>();
+            }
+
+            #[test]
+            fn lean_attention_kernels_match_the_reference() {
+                lean_matches_reference::<Raw>();
+            }
+
+            #[test]
+            fn lean_attention_kernels_match_the_reference_through_fusion() {
+                lean_matches_reference::<Fused>();
+            }
+
+            /// A shape the kernels cannot hold in shared memory takes the plain-tensor path,
+            /// and agrees.
+            #[test]
+            fn shapes_beyond_the_kernels_fall_back_to_the_plain_tensor_path() {
+                falls_back::<Raw>();
+            }
+        }
+    };
 }
 
-#[test]
-fn polysketch_kernels_match_the_reference_through_fusion() {
-    polysketch_matches_reference::<Fused>();
-}
-
-#[test]
-fn lean_attention_kernels_match_the_reference() {
-    lean_matches_reference::<Raw>();
-}
-
-#[test]
-fn lean_attention_kernels_match_the_reference_through_fusion() {
-    lean_matches_reference::<Fused>();
-}
-
-/// A shape the kernels cannot hold in shared memory takes the plain-tensor path, and agrees.
-#[test]
-fn shapes_beyond_the_kernels_fall_back_to_the_plain_tensor_path() {
-    type G = Raw;
+fn falls_back<G: AutodiffBackend + PolysketchBackend>() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let launches = kernel_launches();
     let (fq, fq_cpu) = pair::<G>([1, 1, 6, 128], 21, 0.1);
@@ -211,3 +221,17 @@ fn shapes_beyond_the_kernels_fall_back_to_the_plain_tensor_path() {
     check("r=128 fallback", out, expected, FORWARD_TOL);
     assert_eq!(kernel_launches(), launches, "r=128 should not fit the kernels' shared memory");
 }
+
+#[cfg(feature = "wgpu")]
+kernel_tests!(
+    wgpu,
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
+    burn::backend::Wgpu
+);
+
+#[cfg(feature = "cuda")]
+kernel_tests!(
+    cuda,
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>,
+    burn::backend::Cuda
+);
