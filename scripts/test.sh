@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+has_vulkan() {
+  ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' &&
+    { compgen -G '/usr/share/vulkan/icd.d/*.json' || compgen -G '/etc/vulkan/icd.d/*.json'; } >/dev/null
+}
+if ! has_vulkan; then
   packages=(mesa-vulkan-drivers libvulkan1)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing a software Vulkan driver for the GPU kernel tests: ${packages[*]}"
