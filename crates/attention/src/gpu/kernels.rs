@@ -76,6 +76,82 @@ fn block_score<F: Float>(
     }
 }
 
+/// `out[ab] = Σ_c vector[c] · state[bh, l, ab, c]` for every `ab < r²`, split between the units:
+/// the gradient of a row's self tensor product from a block state.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn contract_state<F: Float>(
+    vector: &SharedMemory<f32>,
+    state: &Tensor<F>,
+    bh: usize,
+    l: usize,
+    out: &mut SharedMemory<f32>,
+) {
+    let (r2, width) = (state.shape(2), state.shape(3));
+    let units = CUBE_DIM_X as usize;
+    let mut ab = UNIT_POS_X as usize;
+    while ab < r2 {
+        let mut sum = f32::new(0.0);
+        for c in 0..width {
+            sum += vector[c] * f32::cast_from(state[at4(state, bh, l, ab, c)]);
+        }
+        out[ab] = sum;
+        ab += units;
+    }
+}
+
+/// Writes the gradients of row `row`'s own features and (with exact local blocks) local vector,
+/// given `D`, the gradient of its self tensor product, and `dS_t`, the gradients of its in-block
+/// scores against rows `first + t` of the other side (keys for a query row, queries for a key
+/// row): `g_a = Σ_b (D_ab + D_ba) x_b + Σ_t dS_t y_{first+t, a}` without local blocks,
+/// `g = Σ_b (D_ab + D_ba) x_b` and `ĝ = Σ_t dS_t ŷ_{first+t}` with them.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_row_gradients<F: Float>(
+    own: &Tensor<F>,
+    other: &Tensor<F>,
+    other_local: &Tensor<F>,
+    d_tensor: &SharedMemory<f32>,
+    d_score: &SharedMemory<f32>,
+    d_features: &mut Tensor<F>,
+    d_local: &mut Tensor<F>,
+    bh: usize,
+    row: usize,
+    first: usize,
+    count: usize,
+    #[comptime] local: bool,
+) {
+    let r = own.shape(2);
+    let units = CUBE_DIM_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let mut a = unit;
+    while a < r {
+        let mut sum = f32::new(0.0);
+        for b in 0..r {
+            let xb = f32::cast_from(own[at3(own, bh, row, b)]);
+            sum += (d_tensor[a * r + b] + d_tensor[b * r + a]) * xb;
+        }
+        if comptime!(!local) {
+            for t in 0..count {
+                sum += d_score[t] * f32::cast_from(other[at3(other, bh, first + t, a)]);
+            }
+        }
+        d_features[at3(d_features, bh, row, a)] = F::cast_from(sum);
+        a += units;
+    }
+    if comptime!(local) {
+        let mut d = unit;
+        while d < other_local.shape(2) {
+            let mut sum = f32::new(0.0);
+            for t in 0..count {
+                sum += d_score[t] * f32::cast_from(other_local[at3(other_local, bh, first + t, d)]);
+            }
+            d_local[at3(d_local, bh, row, d)] = F::cast_from(sum);
+            d += units;
+        }
+    }
+}
+
 /// Block summaries `H[bh, l, a·r + b, c] = Σ_{s ∈ block l} x[s, a] x[s, b] y[s, c]`.
 ///
 /// `x`: `[bh, seq, r]`, `y`: `[bh, seq, width]`, `out`: `[bh, blocks, r², width]`; one unit per
@@ -263,7 +339,6 @@ pub fn polysketch_backward_query_rows<F: Float>(
     let (bh, i) = (row / seq, row % seq);
     let l = i / block;
     let start = l * block;
-    let r = query_features.shape(2);
     let units = CUBE_DIM_X as usize;
     let unit = UNIT_POS_X as usize;
 
@@ -291,44 +366,23 @@ pub fn polysketch_backward_query_rows<F: Float>(
         t += units;
     }
     // D = dR_i Z_lᵀ, the gradient of φq_i⊗φq_i
-    let mut ab = unit;
-    while ab < r * r {
-        let mut sum = f32::new(0.0);
-        for c in 0..width {
-            sum += d_row[c] * f32::cast_from(prefixes[at4(prefixes, bh, l, ab, c)]);
-        }
-        d_tensor[ab] = sum;
-        ab += units;
-    }
+    contract_state(&d_row, prefixes, bh, l, &mut d_tensor);
     sync_cube();
 
-    let mut a = unit;
-    while a < r {
-        let mut sum = f32::new(0.0);
-        for b in 0..r {
-            let qb = f32::cast_from(query_features[at3(query_features, bh, i, b)]);
-            sum += (d_tensor[a * r + b] + d_tensor[b * r + a]) * qb;
-        }
-        if comptime!(!local) {
-            for t in 0..count {
-                sum +=
-                    d_score[t] * f32::cast_from(key_features[at3(key_features, bh, start + t, a)]);
-            }
-        }
-        d_query_features[at3(d_query_features, bh, i, a)] = F::cast_from(sum);
-        a += units;
-    }
-    if comptime!(local) {
-        let mut d = unit;
-        while d < local_query.shape(2) {
-            let mut sum = f32::new(0.0);
-            for t in 0..count {
-                sum += d_score[t] * f32::cast_from(local_key[at3(local_key, bh, start + t, d)]);
-            }
-            d_local_query[at3(d_local_query, bh, i, d)] = F::cast_from(sum);
-            d += units;
-        }
-    }
+    write_row_gradients(
+        query_features,
+        key_features,
+        local_key,
+        &d_tensor,
+        &d_score,
+        d_query_features,
+        d_local_query,
+        bh,
+        i,
+        start,
+        count,
+        local,
+    );
 }
 
 /// Key-side gradients of the block algorithm for one row `j`: `dv_j`, `dφk_j` and, with exact
@@ -408,15 +462,7 @@ pub fn polysketch_backward_key_rows<F: Float>(
         t += units;
     }
     // D' = v'_j G_lᵀ, the gradient of φk_j⊗φk_j
-    let mut ab = unit;
-    while ab < r * r {
-        let mut sum = f32::new(0.0);
-        for c in 0..width {
-            sum += value_row[c] * f32::cast_from(suffixes[at4(suffixes, bh, l, ab, c)]);
-        }
-        d_tensor[ab] = sum;
-        ab += units;
-    }
+    contract_state(&value_row, suffixes, bh, l, &mut d_tensor);
     sync_cube();
 
     let mut c = unit;
@@ -431,33 +477,20 @@ pub fn polysketch_backward_key_rows<F: Float>(
         d_value[at3(d_value, bh, j, c)] = F::cast_from(sum);
         c += units;
     }
-    let mut a = unit;
-    while a < r {
-        let mut sum = f32::new(0.0);
-        for b in 0..r {
-            let kb = f32::cast_from(key_features[at3(key_features, bh, j, b)]);
-            sum += (d_tensor[a * r + b] + d_tensor[b * r + a]) * kb;
-        }
-        if comptime!(!local) {
-            for t in 0..count {
-                sum +=
-                    d_score[t] * f32::cast_from(query_features[at3(query_features, bh, j + t, a)]);
-            }
-        }
-        d_key_features[at3(d_key_features, bh, j, a)] = F::cast_from(sum);
-        a += units;
-    }
-    if comptime!(local) {
-        let mut d = unit;
-        while d < local_key.shape(2) {
-            let mut sum = f32::new(0.0);
-            for t in 0..count {
-                sum += d_score[t] * f32::cast_from(local_query[at3(local_query, bh, j + t, d)]);
-            }
-            d_local_key[at3(d_local_key, bh, j, d)] = F::cast_from(sum);
-            d += units;
-        }
-    }
+    write_row_gradients(
+        key_features,
+        query_features,
+        local_query,
+        &d_tensor,
+        &d_score,
+        d_key_features,
+        d_local_key,
+        bh,
+        j,
+        j,
+        count,
+        local,
+    );
 }
 
 /// A very negative score standing in for `-∞` (shader languages have no infinite literal).
