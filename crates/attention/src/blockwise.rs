@@ -108,6 +108,21 @@ pub fn blockwise_forward<B: Backend>(
     PolysketchSaved { output, denominator, prefixes: Tensor::stack(prefixes, 2) }
 }
 
+/// Gradient of the unnormalised result `R = [o·den, den - 1]` from that of the output:
+/// `dR = [dO / den, -(dO·o) / den]`.
+///
+/// # Shapes
+/// - `grad_output`, `output`: `[batch, heads, seq, head_dim]`; `denominator`: `[batch, heads, seq, 1]`
+/// - returns `[batch, heads, seq, head_dim + 1]`
+pub(crate) fn result_gradient<B: Backend>(
+    grad_output: Tensor<B, 4>,
+    output: Tensor<B, 4>,
+    denominator: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let last = (grad_output.clone() * output).sum_dim(3).neg() / denominator.clone();
+    Tensor::cat(vec![grad_output / denominator, last], 3)
+}
+
 /// Gradient of `x ⊗ x` (flattened) back to `x`: `dx_a = Σ_b (D_ab + D_ba) x_b`.
 ///
 /// # Shapes
@@ -137,14 +152,7 @@ pub fn blockwise_backward<B: Backend>(
 ) -> Vec<Tensor<B, 4>> {
     let [_, _, seq, _] = value.dims();
     let PolysketchSaved { output, denominator, prefixes } = saved;
-    // R = [o·den, den - 1]: dR = [dO / den, -(dO·o) / den]
-    let d_result = Tensor::cat(
-        vec![
-            grad_output.clone() / denominator.clone(),
-            (grad_output * output).sum_dim(3).neg() / denominator,
-        ],
-        3,
-    );
+    let d_result = result_gradient(grad_output, output, denominator);
     let mut suffix: Option<Tensor<B, 4>> = None;
     let mut grads: Vec<Vec<Tensor<B, 4>>> = Vec::new();
     for (index, (start, len)) in blocks(seq, block_size).into_iter().enumerate().rev() {

@@ -233,6 +233,19 @@ pub(crate) fn composed_polysketch_backward<B: Backend>(
     .collect()
 }
 
+/// `[query_features, key_features, value]`, followed by the local queries and keys when `degree`
+/// is given, back into the block algorithm's arguments.
+pub(crate) fn unpack_inputs<T>(
+    inputs: Vec<T>,
+    degree: Option<u32>,
+) -> (T, T, T, Option<LocalExact<T>>) {
+    let mut it = inputs.into_iter();
+    let mut next = || it.next().expect("polysketch inputs");
+    let (q, k, v) = (next(), next(), next());
+    let local = degree.map(|degree| LocalExact { query: next(), key: next(), degree });
+    (q, k, v, local)
+}
+
 fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
@@ -297,15 +310,10 @@ impl<B: PolysketchBackend, const N: usize> Backward<B, N> for PolysketchBackward
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, saved: &mut Checkpointer) {
         let (ids, forward) = ops.state;
         let grad_output = grads.consume::<B>(&ops.node);
-        let mut inputs: Vec<FloatTensor<B>> =
+        let inputs =
             ids.into_iter().map(|id| saved.retrieve_node_output::<FloatTensor<B>>(id)).collect();
-        let local = (N == 5).then(|| {
-            let key = inputs.pop().expect("five inputs");
-            let query = inputs.pop().expect("five inputs");
-            LocalExact { query, key, degree: self.degree }
-        });
-        let [query_features, key_features, value]: [FloatTensor<B>; 3] =
-            inputs.try_into().unwrap_or_else(|_| unreachable!("three feature inputs"));
+        let (query_features, key_features, value, local) =
+            unpack_inputs(inputs, (N == 5).then_some(self.degree));
         let gradients = B::polysketch_backward(
             query_features,
             key_features,

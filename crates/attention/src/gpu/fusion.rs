@@ -14,7 +14,7 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::blockwise::PolysketchSaved;
 use crate::lean::CausalWeights;
-use crate::ops::{LocalExact, PolysketchBackend};
+use crate::ops::{unpack_inputs, LocalExact, PolysketchBackend};
 
 /// What a custom operation computes from its inputs on the inner backend.
 type Body<B> = Arc<dyn Fn(Vec<FloatTensor<B>>) -> Vec<FloatTensor<B>> + Send + Sync>;
@@ -72,7 +72,7 @@ fn shape<B: FusionBackend>(t: &FloatTensor<Fusion<B>>) -> Vec<usize> {
 }
 
 /// Features, values and (when present) local queries and keys as one input list.
-fn polysketch_inputs<T>(
+fn pack_inputs<T>(
     query_features: T,
     key_features: T,
     value: T,
@@ -87,20 +87,11 @@ fn polysketch_inputs<T>(
     (inputs, degree)
 }
 
-/// Splits an input list made by [`polysketch_inputs`] (with `extra` tensors after it).
+/// Splits an input list made by [`pack_inputs`] (with `extra` tensors after it).
 fn split_inputs<T>(mut inputs: Vec<T>, degree: Option<u32>, extra: usize) -> (Vec<T>, Vec<T>) {
     let rest = inputs.split_off(if degree.is_some() { 5 } else { 3 });
     assert_eq!(rest.len(), extra, "custom operation input count");
     (inputs, rest)
-}
-
-/// `[query_features, key_features, value, local…]` back into the operation's arguments.
-fn unpack<T>(inputs: Vec<T>, degree: Option<u32>) -> (T, T, T, Option<LocalExact<T>>) {
-    let mut it = inputs.into_iter();
-    let mut next = || it.next().expect("polysketch inputs");
-    let (q, k, v) = (next(), next(), next());
-    let local = degree.map(|degree| LocalExact { query: next(), key: next(), degree });
-    (q, k, v, local)
 }
 
 impl<B: FusionBackend + PolysketchBackend> PolysketchBackend for Fusion<B> {
@@ -112,9 +103,9 @@ impl<B: FusionBackend + PolysketchBackend> PolysketchBackend for Fusion<B> {
         block_size: usize,
     ) -> FloatTensor<Self> {
         let out_shape = Shape::from(shape::<B>(&value));
-        let (inputs, degree) = polysketch_inputs(query_features, key_features, value, local);
+        let (inputs, degree) = pack_inputs(query_features, key_features, value, local);
         let body = move |inputs: Vec<FloatTensor<B>>| {
-            let (q, k, v, local) = unpack(inputs, degree);
+            let (q, k, v, local) = unpack_inputs(inputs, degree);
             vec![B::polysketch_causal(q, k, v, local, block_size)]
         };
         custom::<B>("polysketch_causal", inputs, vec![out_shape], body).remove(0)
@@ -136,9 +127,9 @@ impl<B: FusionBackend + PolysketchBackend> PolysketchBackend for Fusion<B> {
             Shape::new([batch, heads, seq, 1]),
             Shape::new([batch, heads, blocks, sketch_dim * sketch_dim, head_dim + 1]),
         ];
-        let (inputs, degree) = polysketch_inputs(query_features, key_features, value, local);
+        let (inputs, degree) = pack_inputs(query_features, key_features, value, local);
         let body = move |inputs: Vec<FloatTensor<B>>| {
-            let (q, k, v, local) = unpack(inputs, degree);
+            let (q, k, v, local) = unpack_inputs(inputs, degree);
             let saved = B::polysketch_forward(q, k, v, local, block_size);
             vec![saved.output, saved.denominator, saved.prefixes]
         };
@@ -156,12 +147,12 @@ impl<B: FusionBackend + PolysketchBackend> PolysketchBackend for Fusion<B> {
         saved: PolysketchSaved<FloatTensor<Self>>,
         grad_output: FloatTensor<Self>,
     ) -> Vec<FloatTensor<Self>> {
-        let (mut inputs, degree) = polysketch_inputs(query_features, key_features, value, local);
+        let (mut inputs, degree) = pack_inputs(query_features, key_features, value, local);
         let shapes = inputs.iter().map(|t| Shape::from(shape::<B>(t))).collect();
         inputs.extend([saved.output, saved.denominator, saved.prefixes, grad_output]);
         let body = move |inputs: Vec<FloatTensor<B>>| {
             let (inputs, rest) = split_inputs(inputs, degree, 4);
-            let (q, k, v, local) = unpack(inputs, degree);
+            let (q, k, v, local) = unpack_inputs(inputs, degree);
             let [output, denominator, prefixes, grad_output]: [FloatTensor<B>; 4] =
                 rest.try_into().unwrap_or_else(|_| unreachable!("four saved tensors"));
             let saved = PolysketchSaved { output, denominator, prefixes };

@@ -18,7 +18,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::blockwise::PolysketchSaved;
+use crate::blockwise::{result_gradient, PolysketchSaved};
 use crate::lean::CausalWeights;
 use crate::ops::{
     composed_polysketch_backward, composed_polysketch_forward, with_ones, LocalExact,
@@ -61,6 +61,16 @@ fn rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
 ) -> CubeTensor<R> {
     let [batch, heads, seq, dim] = t.dims();
     into_contiguous(prim(t.reshape([batch * heads, seq, dim])))
+}
+
+/// A `[batch · heads, seq, dim]` kernel output back as `[batch, heads, seq, dim]`.
+fn unrows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    t: CubeTensor<R>,
+    batch: usize,
+    heads: usize,
+) -> CubeTensor<R> {
+    let [_, seq, dim] = t.meta.shape().dims::<3>();
+    prim(wrap::<Cube<R, F, I, BT>, 3>(t).reshape([batch, heads, seq, dim]))
 }
 
 /// A kernel output of `shape`: uninitialised, or NaN when [`fill_outputs_with_nan`] is on.
@@ -237,10 +247,8 @@ fn polysketch_forward_kernels<R: CubeRuntime, F: FloatElement, I: IntElement, BT
     let blocks = seq.div_ceil(block_size);
     let r2 = sketch_dim * sketch_dim;
     PolysketchSaved {
-        output: prim(wrap::<Cube<R, F, I, BT>, 3>(out).reshape([batch, heads, seq, head_dim])),
-        denominator: prim(
-            wrap::<Cube<R, F, I, BT>, 3>(denominator).reshape([batch, heads, seq, 1]),
-        ),
+        output: unrows::<R, F, I, BT>(out, batch, heads),
+        denominator: unrows::<R, F, I, BT>(denominator, batch, heads),
         prefixes: prim(wrap::<Cube<R, F, I, BT>, 4>(prefixes).reshape([
             batch,
             heads,
@@ -265,12 +273,11 @@ fn polysketch_backward_kernels<R: CubeRuntime, F: FloatElement, I: IntElement, B
     let client = inputs.value1.client.clone();
     let dtype = inputs.value1.dtype;
 
-    // R = [o · den, den - 1]: dR = [dO / den, -(dO · o) / den]
-    let grad_output = wrap::<B<R, F, I, BT>, 4>(grad_output);
-    let den = wrap::<B<R, F, I, BT>, 4>(saved.denominator);
-    let out = wrap::<B<R, F, I, BT>, 4>(saved.output);
-    let d_last = (grad_output.clone() * out).sum_dim(3).neg() / den.clone();
-    let d_result = rows(Tensor::cat(vec![grad_output / den, d_last], 3));
+    let d_result = rows(result_gradient(
+        wrap::<B<R, F, I, BT>, 4>(grad_output),
+        wrap(saved.output),
+        wrap(saved.denominator),
+    ));
     let prefixes = into_contiguous(prim(
         wrap::<B<R, F, I, BT>, 5>(saved.prefixes).reshape([bh, blocks, r2, width]),
     ));
@@ -328,19 +335,11 @@ fn polysketch_backward_kernels<R: CubeRuntime, F: FloatElement, I: IntElement, B
         dtype.into(),
     );
     launched(2);
-    let back = |t: CubeTensor<R>, dim: usize| {
-        prim(wrap::<B<R, F, I, BT>, 3>(t).reshape([batch, heads, seq, dim]))
-    };
-    let mut grads = vec![
-        back(d_query_features, sketch_dim),
-        back(d_key_features, sketch_dim),
-        back(d_value, head_dim),
-    ];
+    let mut grads = vec![d_query_features, d_key_features, d_value];
     if inputs.local {
-        grads.push(back(d_local_query, head_dim));
-        grads.push(back(d_local_key, head_dim));
+        grads.extend([d_local_query, d_local_key]);
     }
-    grads
+    grads.into_iter().map(|t| unrows::<R, F, I, BT>(t, batch, heads)).collect()
 }
 
 /// Scale of the scores and comptime switches of the exact-attention kernels.
@@ -386,10 +385,7 @@ fn lean_forward_kernel<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
         dtype.into(),
     );
     launched(1);
-    let back = |t: CubeTensor<R>, dim: usize| {
-        prim(wrap::<Cube<R, F, I, BT>, 3>(t).reshape([batch, heads, seq, dim]))
-    };
-    (back(out, head_dim), back(stat, 1))
+    (unrows::<R, F, I, BT>(out, batch, heads), unrows::<R, F, I, BT>(stat, batch, heads))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -460,8 +456,7 @@ fn lean_backward_kernels<R: CubeRuntime, F: FloatElement, I: IntElement, BT: Boo
         dtype.into(),
     );
     launched(2);
-    [d_query, d_key, d_value]
-        .map(|t| prim(wrap::<B<R, F, I, BT>, 3>(t).reshape([batch, heads, seq, head_dim])))
+    [d_query, d_key, d_value].map(|t| unrows::<R, F, I, BT>(t, batch, heads))
 }
 
 /// Whether the polysketch kernels cover these inputs on this device.
