@@ -20,7 +20,7 @@ target="${CARGO_TARGET_DIR:-target}"
 build() {
   cargo build --release --locked -p polysketch-train --features "$features" >&2
   cargo test --release --locked -p polysketch-attention --features cuda --test gpu_kernels \
-    --no-run --message-format json 2>/dev/null |
+    --no-run --message-format json-render-diagnostics |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -18,8 +18,9 @@ pub enum DeviceKind {
 /// The CPU training backend. Balanced checkpointing keeps the outputs of compute-bound
 /// operations (matmuls) for the backward pass and recomputes the memory-bound ones (element-wise
 /// chains such as the sketch networks' activations) from them. Measured on 2 cores: the default
-/// tiny run peaks at 30% less memory (662 vs 953 MB) at 6% fewer tokens/s, one learned-sketch
-/// layer (12 heads of 64) at 4k tokens at 42% less (1.76 vs 3.03 GiB) and up to 24% slower;
+/// tiny run peaks at 30% less memory (647 vs 931 MiB resident) at 6% fewer tokens/s, one
+/// learned-sketch layer (12 heads of 64) at 4k tokens at 42% less (1.72 vs 2.96 GiB) and up to
+/// 24% slower;
 /// results are identical, since recomputation repeats the same operations.
 pub type CpuBackend = burn::backend::Autodiff<
     burn::backend::NdArray<f32>,
