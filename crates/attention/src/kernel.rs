@@ -87,8 +87,85 @@ impl<B: Backend> AttentionKernel<B> {
     }
 }
 
+/// What the sequence-mixing half of an attention kernel reads: everything it needs, computed
+/// from each token's query, key and value alone by [`AttentionKernel::prepare`]. Splitting a
+/// kernel there lets a training step recompute the token-wise half in slices of the sequence
+/// while only the mixing half ([`AttentionKernel::mix`]) sees the whole sequence at once.
+#[derive(Debug, Clone)]
+pub struct MixInputs<B: Backend> {
+    /// Queries as the mixing reads them: raw (softmax), normalised (polynomial) or sketch
+    /// features (polysketch), `[batch, heads, seq, head_dim or sketch_dim]`.
+    pub query: Tensor<B, 4>,
+    /// Keys in the same form as `query`.
+    pub key: Tensor<B, 4>,
+    /// Values, `[batch, heads, seq, head_dim]`.
+    pub value: Tensor<B, 4>,
+    /// Normalised queries and keys of the exact local blocks, `[batch, heads, seq, head_dim]`
+    /// each.
+    pub local: Option<[Tensor<B, 4>; 2]>,
+}
+
+impl<B: Backend> MixInputs<B> {
+    /// The same inputs with every tensor converted by `f` (to another backend, a slice of the
+    /// sequence, a gradient...), in the order query, key, value, local query, local key.
+    pub fn map<C: Backend>(self, mut f: impl FnMut(Tensor<B, 4>) -> Tensor<C, 4>) -> MixInputs<C> {
+        MixInputs {
+            query: f(self.query),
+            key: f(self.key),
+            value: f(self.value),
+            local: self.local.map(|[q, k]| [f(q), f(k)]),
+        }
+    }
+
+    /// The tensors in the order of [`MixInputs::map`]: three, or five with local blocks.
+    pub fn into_tensors(self) -> Vec<Tensor<B, 4>> {
+        let mut all = vec![self.query, self.key, self.value];
+        all.extend(self.local.into_iter().flatten());
+        all
+    }
+
+    /// The inverse of [`MixInputs::into_tensors`].
+    ///
+    /// # Panics
+    /// If there are not three or five tensors.
+    pub fn from_tensors(tensors: Vec<Tensor<B, 4>>) -> Self {
+        let count = tensors.len();
+        assert!(count == 3 || count == 5, "MixInputs: 3 or 5 tensors, got {count}");
+        let mut all = tensors.into_iter();
+        let mut next = || all.next().expect("counted above");
+        let (query, key, value) = (next(), next(), next());
+        let local = (count == 5).then(|| [next(), next()]);
+        Self { query, key, value, local }
+    }
+
+    /// Pieces of one sequence, in order, joined along the sequence.
+    ///
+    /// # Shapes
+    /// - every piece's tensors: `[batch, heads, piece_len, _]`
+    /// - returns `[batch, heads, Σ piece_len, _]`
+    ///
+    /// # Panics
+    /// If `pieces` is empty or mixes inputs with and without local blocks.
+    pub fn cat(pieces: Vec<Self>) -> Self {
+        let mut columns: Vec<Vec<Tensor<B, 4>>> = Vec::new();
+        for piece in pieces {
+            let tensors = piece.into_tensors();
+            if columns.is_empty() {
+                columns = tensors.iter().map(|_| Vec::new()).collect();
+            }
+            assert_eq!(tensors.len(), columns.len(), "MixInputs::cat: pieces differ");
+            for (column, t) in columns.iter_mut().zip(tensors) {
+                column.push(t);
+            }
+        }
+        assert!(!columns.is_empty(), "MixInputs::cat: no pieces");
+        Self::from_tensors(columns.into_iter().map(|c| Tensor::cat(c, 2)).collect())
+    }
+}
+
 impl<B: PolysketchBackend> AttentionKernel<B> {
-    /// Causal attention of every head.
+    /// Causal attention of every head: [`AttentionKernel::mix`] of
+    /// [`AttentionKernel::prepare`].
     ///
     /// # Shapes
     /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]`
@@ -99,29 +176,61 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
         key: Tensor<B, 4>,
         value: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
+        self.mix(self.prepare(query, key, value))
+    }
+
+    /// The sequence-mixing half: causal attention over the prepared inputs, through the
+    /// backend's memory-lean operations (no parameters are read here).
+    ///
+    /// # Shapes
+    /// - `inputs`: as [`MixInputs`], over `seq` tokens
+    /// - returns `[batch, heads, seq, head_dim]`
+    pub fn mix(&self, inputs: MixInputs<B>) -> Tensor<B, 4> {
         let config = &self.config;
-        let chunk = default_chunk_rows(query.dims()[2]);
+        let chunk = default_chunk_rows(inputs.query.dims()[2]);
+        let MixInputs { query, key, value, local } = inputs;
         match config.kind {
             AttentionKind::Softmax => {
                 lean_attention(query, key, value, CausalWeights::Softmax, chunk)
             }
             AttentionKind::Polynomial => {
-                let norm = self.norm.as_ref().expect("polynomial attention has a shared norm");
                 let weights = CausalWeights::Polynomial { degree: config.degree };
-                lean_attention(norm.forward(query), norm.forward(key), value, weights, chunk)
+                lean_attention(query, key, value, weights, chunk)
             }
-            AttentionKind::Polysketch => self.polysketch(query, key, value),
+            AttentionKind::Polysketch => {
+                let degree = config.degree;
+                let local = local.map(|[query, key]| LocalExact { query, key, degree });
+                polysketch_causal(query, key, value, local, config.block_size)
+            }
         }
     }
+}
 
-    fn polysketch(
+impl<B: Backend> AttentionKernel<B> {
+    /// The token-wise half: normalisations and sketches of each token's query and key, with
+    /// nothing mixed across tokens.
+    ///
+    /// # Shapes
+    /// - `query`, `key`, `value`: `[batch, heads, seq, head_dim]` (after RoPE)
+    /// - returns the [`MixInputs`] of those `seq` tokens
+    pub fn prepare(
         &self,
         query: Tensor<B, 4>,
         key: Tensor<B, 4>,
         value: Tensor<B, 4>,
-    ) -> Tensor<B, 4> {
-        let (query_features, key_features, local) = self.sketch_inputs(query, key);
-        polysketch_causal(query_features, key_features, value, local, self.config.block_size)
+    ) -> MixInputs<B> {
+        match self.config.kind {
+            AttentionKind::Softmax => MixInputs { query, key, value, local: None },
+            AttentionKind::Polynomial => {
+                let norm = self.norm.as_ref().expect("polynomial attention has a shared norm");
+                MixInputs { query: norm.forward(query), key: norm.forward(key), value, local: None }
+            }
+            AttentionKind::Polysketch => {
+                let (query, key, local) = self.sketch_inputs(query, key);
+                let local = local.map(|l| [l.query, l.key]);
+                MixInputs { query, key, value, local }
+            }
+        }
     }
 }
 

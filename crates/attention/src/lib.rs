@@ -38,7 +38,7 @@ mod sketch;
 pub use blockwise::PolysketchSaved;
 pub use config::{AttentionConfig, AttentionKind, ConfigError, SketchKind, SketchScaling};
 pub use decode::DecodeCache;
-pub use kernel::AttentionKernel;
+pub use kernel::{AttentionKernel, MixInputs};
 pub use lean::CausalWeights;
 pub use ops::{
     lean_attention, polysketch_causal, polysketch_causal_composed, LocalExact, PolysketchBackend,
