@@ -8,9 +8,13 @@ use burn::nn::{
 use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use polysketch_attention::{AttentionConfig, AttentionKernel, DecodeCache, PolysketchBackend};
+use polysketch_attention::{
+    AttentionConfig, AttentionKernel, DecodeCache, MixInputs, PolysketchBackend,
+};
 
 use crate::config::ModelDims;
+
+mod recompute;
 
 fn layer_norm<B: Backend>(d_model: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(d_model).with_epsilon(1e-5).init(device)
@@ -98,14 +102,6 @@ impl<B: PolysketchBackend> SelfAttention<B> {
         self.dropout.forward(self.out.forward(merged))
     }
 
-    /// # Shapes
-    /// - `x`: `[batch, seq, d_model]`
-    /// - returns `[batch, seq, d_model]`
-    fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
-        let [q, k, v] = self.project(x, rope, 0);
-        self.merge(self.kernel.forward(q, k, v))
-    }
-
     /// A whole prompt in parallel, returning the layer's decoding cache after it.
     ///
     /// # Shapes
@@ -174,6 +170,46 @@ pub struct DecoderBlock<B: Backend> {
     feed_forward: GluFeedForward<B>,
 }
 
+impl<B: Backend> DecoderBlock<B> {
+    /// Whether neither dropout of the block is active.
+    fn has_no_dropout(&self) -> bool {
+        self.attention.dropout.prob == 0.0 && self.feed_forward.dropout.prob == 0.0
+    }
+}
+
+impl<B: PolysketchBackend> DecoderBlock<B> {
+    /// The token-wise first half of the block: normalisation, projections, rotary encodings
+    /// and the attention kernel's preparation, for tokens starting at position `start`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, len, d_model]`
+    /// - returns [`MixInputs`] over `len` tokens
+    fn mix_inputs(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>, start: usize) -> MixInputs<B> {
+        let [q, k, v] = self.attention.project(self.norm_attention.forward(x), rope, start);
+        self.attention.kernel.prepare(q, k, v)
+    }
+
+    /// The token-wise second half: output projection, both residual additions and the
+    /// feed-forward network, from the block's input and the attention heads.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, len, d_model]`
+    /// - `heads`: `[batch, heads, len, head_dim]`
+    /// - returns `[batch, len, d_model]`
+    fn finish(&self, x: Tensor<B, 3>, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+        let x = x + self.attention.merge(heads);
+        x.clone() + self.feed_forward.forward(self.norm_feed_forward.forward(x))
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - returns `[batch, seq, d_model]`
+    fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
+        let heads = self.attention.kernel.mix(self.mix_inputs(x.clone(), rope, 0));
+        self.finish(x, heads)
+    }
+}
+
 /// GPT-style language model with tied embeddings.
 #[derive(Module, Debug)]
 pub struct LanguageModel<B: Backend> {
@@ -239,19 +275,7 @@ impl<B: PolysketchBackend> LanguageModel<B> {
     /// - returns `[batch, seq, vocab]`
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
-        assert!(
-            seq <= self.max_seq,
-            "LanguageModel::forward: seq {seq} > max_seq {}",
-            self.max_seq
-        );
-        let mut x = self.embed(tokens, 0);
-        for block in &self.blocks {
-            let attention =
-                block.attention.forward(block.norm_attention.forward(x.clone()), &self.rope);
-            x = x + attention;
-            x = x.clone() + block.feed_forward.forward(block.norm_feed_forward.forward(x));
-        }
-        self.logits(x).reshape([batch, seq, self.output_bias.dims()[0]])
+        self.logits(self.hidden(tokens)).reshape([batch, seq, self.output_bias.dims()[0]])
     }
 
     /// Token embeddings scaled by `sqrt(d_model)` plus the encodings of positions
@@ -338,6 +362,41 @@ impl<B: PolysketchBackend> LanguageModel<B> {
         self.blocks.iter().map(|_| DecodeCache::Empty).collect()
     }
 
+    /// Hidden states after the last block, before the final normalisation.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` with `seq ≤ max_seq`
+    /// - returns `[batch, seq, d_model]`
+    fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let seq = tokens.dims()[1];
+        assert!(seq <= self.max_seq, "LanguageModel: seq {seq} > max_seq {}", self.max_seq);
+        let mut x = self.embed(tokens, 0);
+        for block in &self.blocks {
+            x = block.forward(x, &self.rope);
+        }
+        x
+    }
+
+    /// `(start, len)` slices of the positions such that one slice's logits, over `batch`
+    /// sequences, hold at most 2²⁵ values (128 MiB in f32): logits of a long context never
+    /// exist whole.
+    fn logit_slices(&self, batch: usize, seq: usize) -> Vec<(usize, usize)> {
+        let vocab = self.output_bias.dims()[0];
+        let len = ((1usize << 25) / (batch * vocab).max(1)).max(1);
+        (0..seq).step_by(len).map(|start| (start, len.min(seq - start))).collect()
+    }
+
+    /// Cross-entropy of the next-token predictions made from `hidden`.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, len, d_model]`; `targets`: `[batch, len]`
+    /// - returns `[batch, len]`
+    fn losses_from_hidden(&self, hidden: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [batch, len] = targets.dims();
+        let log_probs = log_softmax(self.logits(hidden), 1);
+        log_probs.gather(1, targets.reshape([batch * len, 1])).reshape([batch, len]).neg()
+    }
+
     /// Cross-entropy of every next-token prediction, in nats.
     ///
     /// # Shapes
@@ -349,9 +408,36 @@ impl<B: PolysketchBackend> LanguageModel<B> {
         targets: Tensor<B, 2, Int>,
     ) -> Tensor<B, 2> {
         let [batch, seq] = inputs.dims();
-        let log_probs = log_softmax(self.forward(inputs), 2);
-        let picked = log_probs.gather(2, targets.reshape([batch, seq, 1]));
-        picked.reshape([batch, seq]).neg()
+        let hidden = self.hidden(inputs);
+        let slices = self.logit_slices(batch, seq).into_iter().map(|(start, len)| {
+            let targets = targets.clone().narrow(1, start, len);
+            self.losses_from_hidden(hidden.clone().narrow(1, start, len), targets)
+        });
+        Tensor::cat(slices.collect(), 1)
+    }
+
+    /// Cross-entropy of every next-token prediction, in nats, and whether the most likely
+    /// token is the target (1) or not (0).
+    ///
+    /// # Shapes
+    /// - `inputs`, `targets`: `[batch, seq]`
+    /// - returns two `[batch, seq]`
+    pub fn token_losses_and_hits(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [batch, seq] = inputs.dims();
+        let hidden = self.hidden(inputs);
+        let (mut losses, mut hits) = (Vec::new(), Vec::new());
+        for (start, len) in self.logit_slices(batch, seq) {
+            let hidden = hidden.clone().narrow(1, start, len);
+            let targets = targets.clone().narrow(1, start, len);
+            let best = self.logits(hidden.clone()).argmax(1).reshape([batch, len]);
+            hits.push(best.equal(targets.clone()).float());
+            losses.push(self.losses_from_hidden(hidden, targets));
+        }
+        (Tensor::cat(losses, 1), Tensor::cat(hits, 1))
     }
 
     /// Mean cross-entropy over all tokens, in nats.

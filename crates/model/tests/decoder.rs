@@ -164,3 +164,34 @@ fn a_parallel_prefill_then_decoding_gives_the_logits_of_the_parallel_pass() {
         }
     }
 }
+
+#[test]
+fn losses_and_hits_over_a_large_vocabulary_match_the_whole_logits() {
+    // 2^20 tokens: the logits of 40 positions exceed the 2^25 values of one slice, so the
+    // losses are computed in two slices (32 + 8 positions)
+    let vocab = 1 << 20;
+    let seq = 40;
+    let cfg = model_config(AttentionConfig { kind: AttentionKind::Softmax, ..Default::default() });
+    let dims = cfg.resolve(vocab, seq).unwrap();
+    let model = LanguageModel::<B>::new(&dims, &cfg.attention, 0.0, &Default::default());
+    let ids: Vec<i64> = (0..seq as i64 + 1).map(|i| (i * 104_729 + 17) % vocab as i64).collect();
+    let (inputs, targets) = (tokens::<B>(&ids[..seq]), tokens::<B>(&ids[1..]));
+
+    let logits = model.forward(inputs.clone());
+    let expected = burn::tensor::activation::log_softmax(logits.clone(), 2)
+        .gather(2, targets.clone().reshape([1, seq, 1]))
+        .reshape([1, seq])
+        .neg();
+    let expected_hits = logits.argmax(2).reshape([1, seq]).equal(targets.clone()).float();
+    let (losses, hits) = model.token_losses_and_hits(inputs.clone(), targets.clone());
+    let plain = model.token_losses(inputs, targets);
+    let values = |t: Tensor<B, 2>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+    let expected = values(expected);
+    assert_eq!(expected.len(), seq);
+    for (name, actual) in [("token_losses", values(plain)), ("with hits", values(losses))] {
+        for (e, a) in expected.iter().zip(&actual) {
+            assert!((e - a).abs() < 1e-5 * e.abs().max(1.0), "{name}: {a} vs {e}");
+        }
+    }
+    assert_eq!(values(hits), values(expected_hits));
+}

@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use polysketch_attention::PolysketchBackend;
@@ -29,10 +28,7 @@ pub fn evaluate<B: PolysketchBackend>(
         let weights =
             batch.weights_tensor::<B>(device).unwrap_or_else(|| Tensor::ones([rows, seq], device));
         weighted |= batch.weights.is_some();
-        let logits = model.forward(inputs);
-        let targets3 = targets.clone().reshape([rows, seq, 1]);
-        let losses = log_softmax(logits.clone(), 2).gather(2, targets3).reshape([rows, seq]).neg();
-        let hits = logits.argmax(2).reshape([rows, seq]).equal(targets).float();
+        let (losses, hits) = model.token_losses_and_hits(inputs, targets);
         let sum = |t: Tensor<B, 2>| -> f64 { t.sum().into_scalar().elem() };
         loss_sum += sum(losses * weights.clone());
         correct += sum(hits * weights.clone());
