@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, ElementConversion, Int, Tensor};
 use clap::ValueEnum;
@@ -127,7 +127,11 @@ pub struct BenchOptions {
     pub degree: u32,
     /// Tokens decoded per measurement (decode).
     pub decode_tokens: usize,
-    /// Timed repetitions after the warm-up run stop once they add up to this many seconds.
+    /// Step: recompute every block in the backward pass, the token-wise work this many
+    /// positions at a time (`train.recompute` and `train.recompute_chunk`).
+    pub recompute_chunk: Option<usize>,
+    /// Timed repetitions after the warm-up run stop once they add up to this many seconds; with
+    /// 0 the warm-up run is the only one.
     pub min_seconds: f64,
     /// A variant whose warm-up run takes longer than this skips its longer contexts.
     pub max_seconds: f64,
@@ -186,6 +190,15 @@ where
     }
     if options.variants.is_empty() {
         return Err(CliError::Config("--variants needs at least one variant".into()));
+    }
+    match options.recompute_chunk {
+        Some(0) => return Err(CliError::Config("--recompute-chunk must be at least 1".into())),
+        Some(_) if options.kind != BenchKind::Step => {
+            return Err(CliError::Config(
+                "--recompute applies to `bench step` only; drop it for layer and decode".into(),
+            ))
+        }
+        _ => {}
     }
     for variant in &options.variants {
         let config = variant.attention(options.sketch_dim, options.block_size, options.degree);
@@ -257,15 +270,16 @@ fn available_bytes() -> Option<usize> {
 
 /// Times `run` once to warm up (and measure peak memory), then repeats it until the repetitions
 /// add up to `min_seconds` (at least once, at most 20 times, never when the warm-up alone took
-/// longer than `max_seconds`). Returns the median seconds, the peak bytes above the starting
-/// live size, the repetitions and the warm-up seconds.
+/// longer than `max_seconds` or `min_seconds` is 0, when the warm-up run is the measurement).
+/// Returns the median seconds, the peak bytes above the starting live size, the repetitions and
+/// the warm-up seconds.
 fn time_it(options: &BenchOptions, mut run: impl FnMut()) -> (f64, usize, usize, f64) {
     let start_bytes = alloc::reset_peak();
     let started = Instant::now();
     run();
     let warm_up = started.elapsed().as_secs_f64();
     let peak = alloc::peak_bytes().saturating_sub(start_bytes);
-    if warm_up > options.max_seconds {
+    if warm_up > options.max_seconds || options.min_seconds == 0.0 {
         return (warm_up, peak, 1, warm_up);
     }
     let mut times = Vec::new();
@@ -341,6 +355,7 @@ fn measure_step<B>(
 ) -> Result<(Measurement, f64), CliError>
 where
     B: AutodiffBackend + PolysketchBackend,
+    B::InnerBackend: PolysketchBackend,
 {
     B::seed(device, 7);
     let config = model_config(options, variant);
@@ -351,8 +366,18 @@ where
     let targets = random_tokens::<B>(options.batch, context, options.vocab, device);
     let (seconds, peak, reps, warm_up) = time_it(options, || {
         let m = model.take().expect("model between steps");
-        let loss = m.loss(inputs.clone(), targets.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        let grads = match options.recompute_chunk {
+            Some(chunk) => {
+                let mut accumulator = GradientsAccumulator::new();
+                let (inputs, targets) = (inputs.clone(), targets.clone());
+                m.recomputed_gradients(inputs, targets, None, 1.0, chunk, &mut accumulator);
+                accumulator.grads()
+            }
+            None => {
+                let loss = m.loss(inputs.clone(), targets.clone());
+                GradientsParams::from_grads(loss.backward(), &m)
+            }
+        };
         model = Some(optim.step(1e-4, m, grads));
         // asynchronous backends finish the step before the clock stops
         let _ = B::sync(device);
@@ -512,8 +537,15 @@ fn chart(options: &BenchOptions, results: &[Measurement]) -> Chart {
             options.device_name
         ),
         BenchKind::Step => {
-            format!("Training step, {:?} model ({})", options.preset, options.device_name)
-                .to_lowercase()
+            let recompute = match options.recompute_chunk {
+                Some(chunk) => format!(", blocks recomputed in slices of {chunk}"),
+                None => String::new(),
+            };
+            format!(
+                "Training step, {:?} model ({}{recompute})",
+                options.preset, options.device_name
+            )
+            .to_lowercase()
         }
         BenchKind::Decode => {
             format!("Decoding, {:?} model ({})", options.preset, options.device_name).to_lowercase()

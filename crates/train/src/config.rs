@@ -112,6 +112,13 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Skip an optimizer step whose loss or gradient is not finite instead of stopping.
     pub skip_nonfinite_steps: bool,
+    /// Recompute every decoder block during the backward pass, keeping only block inputs
+    /// between the passes: activation memory of a few `seq × d_model` tensors per layer, for
+    /// long contexts, at the cost of a second forward pass. Needs `model.dropout = 0`.
+    pub recompute: bool,
+    /// Positions per slice of the token-wise work (projections, sketch networks, feed-forward,
+    /// logits) when `recompute` is on; smaller slices use less memory.
+    pub recompute_chunk: usize,
 }
 
 impl Default for TrainSection {
@@ -135,6 +142,8 @@ impl Default for TrainSection {
             checkpoint_every: 100,
             keep_checkpoints: 3,
             skip_nonfinite_steps: false,
+            recompute: false,
+            recompute_chunk: 2048,
         }
     }
 }
@@ -234,6 +243,7 @@ impl RunConfig {
             ("train.eval_batches", t.eval_batches as u64),
             ("train.checkpoint_every", t.checkpoint_every),
             ("train.keep_checkpoints", t.keep_checkpoints as u64),
+            ("train.recompute_chunk", t.recompute_chunk as u64),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1".into());
@@ -252,6 +262,16 @@ impl RunConfig {
         }
         if !(t.weight_decay >= 0.0 && t.grad_clip >= 0.0) {
             return bad("train.weight_decay / train.grad_clip", "must not be negative".into());
+        }
+        if t.recompute && self.model.dropout != 0.0 {
+            return bad(
+                "train.recompute",
+                format!(
+                    "recomputed blocks would draw new dropout masks, so model.dropout must be 0 \
+                     (got {}); set model.dropout = 0 or train.recompute = false",
+                    self.model.dropout
+                ),
+            );
         }
         let f = self.data.val_fraction;
         if !(f > 0.0 && f < 1.0) {
@@ -359,6 +379,17 @@ mod tests {
             assert!(cfg.validate().is_err(), "{set} was accepted");
         }
         assert!(load("", &[]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn recomputation_needs_dropout_off_and_a_positive_chunk() {
+        let cfg = load("", &["train.recompute=true", "model.dropout=0.1"]).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("train.recompute") && err.contains("model.dropout"), "{err}");
+        let cfg = load("", &["train.recompute=true", "train.recompute_chunk=0"]).unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("recompute_chunk"));
+        let cfg = load("", &["train.recompute=true", "train.recompute_chunk=64"]).unwrap();
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

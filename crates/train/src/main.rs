@@ -192,7 +192,15 @@ struct BenchArgs {
     /// Tokens decoded per timed run (decode benchmark).
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Repeat timed runs until they add up to this many seconds (at least one run).
+    /// Step benchmark: recompute every block during the backward pass, as `train.recompute`
+    /// does (activation memory of a few `seq × d_model` tensors per layer).
+    #[arg(long)]
+    recompute: bool,
+    /// Positions per slice of the token-wise work when recomputing.
+    #[arg(long, default_value_t = 2048, requires = "recompute")]
+    recompute_chunk: usize,
+    /// Repeat timed runs after the warm-up run until they add up to this many seconds (at least
+    /// one); 0 times the warm-up run alone, for long contexts where one run takes minutes.
     #[arg(long, default_value_t = 3.0)]
     min_seconds: f64,
     /// Skip a variant's longer contexts once its warm-up run takes longer than this.
@@ -264,6 +272,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 block_size: a.block_size,
                 degree: a.degree,
                 decode_tokens: a.decode_tokens,
+                recompute_chunk: a.recompute.then_some(a.recompute_chunk),
                 min_seconds: a.min_seconds,
                 max_seconds: a.max_seconds,
                 out: a.out,

@@ -192,10 +192,24 @@ where
         for micro in 0..t.grad_accum {
             let index = step * t.grad_accum as u64 + micro as u64;
             let batch = train_batches.batch(index, t.batch_size);
-            let loss = batch_loss(&trainer.model, &batch, &device) / t.grad_accum as f64;
-            step_loss += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &trainer.model);
-            accumulator.accumulate(&trainer.model, grads);
+            let scale = 1.0 / t.grad_accum as f64;
+            if t.recompute {
+                let (inputs, targets) = batch.to_tensors::<B>(&device);
+                let weights = batch.weights_tensor::<B>(&device);
+                step_loss += trainer.model.recomputed_gradients(
+                    inputs,
+                    targets,
+                    weights,
+                    scale,
+                    t.recompute_chunk,
+                    &mut accumulator,
+                );
+            } else {
+                let loss = batch_loss(&trainer.model, &batch, &device) * scale;
+                step_loss += loss.clone().into_scalar().elem::<f64>();
+                let grads = GradientsParams::from_grads(loss.backward(), &trainer.model);
+                accumulator.accumulate(&trainer.model, grads);
+            }
         }
         let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm::<B, _>(&trainer.model, &mut grads, t.grad_clip);

@@ -275,6 +275,17 @@ fn benchmarks_write_tables_with_softmax_ratios_and_charts() {
     assert_ok(&run(&["plot", "--bench", &s.arg("layer/layer.csv")]), "redraw");
     assert!(s.path("layer/layer.svg").is_file());
     assert_fails(&run(&["plot", "--bench", &s.arg("config.toml")]), "not a table");
+    // a training step with recomputed blocks is measured like any other
+    let out_dir = s.arg("recompute");
+    let mut args = vec!["bench", "step", "--recompute", "--recompute-chunk", "24"];
+    args.extend(["--out", &out_dir]);
+    args.extend(small);
+    assert_ok(&run(&args), "step --recompute");
+    let rows = csv_rows(&s.path("recompute/step.csv"));
+    assert_eq!(rows.len(), 1 + 3 * 2, "{rows:?}");
+    let svg = std::fs::read_to_string(s.path("recompute/step.svg")).unwrap();
+    assert!(svg.contains("recomputed"), "the chart does not say the blocks were recomputed");
+    assert_fails(&run(&["bench", "layer", "--recompute", "--contexts", "8"]), "step");
     assert_fails(&run(&["bench", "layer", "--contexts", "0"]), "positive");
     assert_fails(&run(&["bench", "layer", "--sketch-dim", "0", "--contexts", "8"]), "sketch_dim");
 }
