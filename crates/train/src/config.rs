@@ -382,6 +382,24 @@ mod tests {
     }
 
     #[test]
+    fn every_run_config_of_the_repository_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            // grid files of `polysketch sweep` are not run configs
+            if path.extension().is_none_or(|e| e != "toml") || text.contains("\n[grid]") {
+                continue;
+            }
+            let cfg = RunConfig::load(&path, &[]).unwrap();
+            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+        assert!(checked >= 5, "only {checked} configs found in {}", dir.display());
+    }
+
+    #[test]
     fn recomputation_needs_dropout_off_and_a_positive_chunk() {
         let cfg = load("", &["train.recompute=true", "model.dropout=0.1"]).unwrap();
         let err = cfg.validate().unwrap_err().to_string();
