@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check on a CUDA machine: the fused-kernel tests (forward and every gradient against the
-# plain references, raw and through Fusion) and the attention-layer benchmark (12 heads of 64,
-# r = 32, b = 256, contexts 1k to 32k, every variant, ratios against memory-lean softmax).
-# Takes a few minutes once built; results land in OUT (default gpu-check/).
+# plain references, raw and through Fusion), the attention-layer benchmark (12 heads of 64,
+# r = 32, b = 256, contexts 1k to 32k, every variant, ratios against memory-lean softmax) and
+# GPT-2 small training steps at 4k and 32k with recomputed blocks (learned polysketch with local
+# blocks against memory-lean softmax). Takes a few minutes once built; results land in OUT
+# (default gpu-check/).
 #
 #   scripts/gpu-check.sh [OUT]              build with --features cuda here, then run here
 #   scripts/gpu-check.sh --bundle DIR       build only, and put the two binaries and a run.sh
@@ -41,6 +43,10 @@ echo "== kernel tests (CUDA)"
 echo "== attention layer benchmark (CUDA)"
 "$polysketch" bench layer --device cuda --min-seconds 1 --max-seconds 60 --out "$out" 2>&1 |
   tee "$out/bench-layer.txt"
+echo "== GPT-2 small training step (CUDA, recomputed blocks)"
+"$polysketch" bench step --device cuda --preset small --vocab 32768 --contexts 4096,32768 \
+  --variants softmax,polysketch-learned-local --recompute --min-seconds 0 --max-seconds 120 \
+  --out "$out" 2>&1 | tee "$out/bench-step.txt"
 echo "results in $out"
 EOF
 

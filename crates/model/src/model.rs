@@ -16,6 +16,11 @@ use crate::config::ModelDims;
 
 mod recompute;
 
+/// `(start, len)` of consecutive slices of at most `chunk` positions covering `0..seq`.
+fn spans(seq: usize, chunk: usize) -> Vec<(usize, usize)> {
+    (0..seq).step_by(chunk).map(|start| (start, chunk.min(seq - start))).collect()
+}
+
 fn layer_norm<B: Backend>(d_model: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(d_model).with_epsilon(1e-5).init(device)
 }
@@ -382,8 +387,7 @@ impl<B: PolysketchBackend> LanguageModel<B> {
     /// exist whole.
     fn logit_slices(&self, batch: usize, seq: usize) -> Vec<(usize, usize)> {
         let vocab = self.output_bias.dims()[0];
-        let len = ((1usize << 25) / (batch * vocab).max(1)).max(1);
-        (0..seq).step_by(len).map(|start| (start, len.min(seq - start))).collect()
+        spans(seq, ((1usize << 25) / (batch * vocab).max(1)).max(1))
     }
 
     /// Cross-entropy of the next-token predictions made from `hidden`.

@@ -25,12 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use polysketch_attention::{MixInputs, PolysketchBackend};
 
-use super::{DecoderBlock, LanguageModel};
-
-/// `(start, len)` of consecutive slices of at most `chunk` positions covering `0..seq`.
-fn spans(seq: usize, chunk: usize) -> Vec<(usize, usize)> {
-    (0..seq).step_by(chunk).map(|start| (start, chunk.min(seq - start))).collect()
-}
+use super::{spans, DecoderBlock, LanguageModel};
 
 /// An autodiff leaf holding `x`, whose gradient the next backward pass returns.
 fn leaf<B: AutodiffBackend, const D: usize>(x: Tensor<B::InnerBackend, D>) -> Tensor<B, D> {
@@ -231,7 +226,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::spans;
+    use crate::model::spans;
 
     #[test]
     fn spans_cover_the_sequence_once() {
