@@ -452,4 +452,25 @@ impl<B: PolysketchBackend> LanguageModel<B> {
     pub fn loss(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         self.token_losses(inputs, targets).mean()
     }
+
+    /// Cross-entropy over the weighted targets, `Σ w·loss / Σ w`, in nats; the plain mean
+    /// ([`LanguageModel::loss`]) without weights.
+    ///
+    /// # Shapes
+    /// - `inputs`, `targets`, `weights`: `[batch, seq]`
+    /// - returns `[1]`
+    pub fn weighted_loss(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        weights: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 1> {
+        match weights {
+            None => self.loss(inputs, targets),
+            Some(weights) => {
+                let total = weights.clone().sum();
+                (self.token_losses(inputs, targets) * weights).sum() / total
+            }
+        }
+    }
 }

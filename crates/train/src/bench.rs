@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, ElementConversion, Int, Tensor};
 use clap::ValueEnum;
@@ -366,19 +366,11 @@ where
     let targets = random_tokens::<B>(options.batch, context, options.vocab, device);
     let (seconds, peak, reps, warm_up) = time_it(options, || {
         let m = model.take().expect("model between steps");
-        let grads = match options.recompute_chunk {
-            Some(chunk) => {
-                let mut accumulator = GradientsAccumulator::new();
-                let (inputs, targets) = (inputs.clone(), targets.clone());
-                m.recomputed_gradients(inputs, targets, None, 1.0, chunk, &mut accumulator);
-                accumulator.grads()
-            }
-            None => {
-                let loss = m.loss(inputs.clone(), targets.clone());
-                GradientsParams::from_grads(loss.backward(), &m)
-            }
-        };
-        model = Some(optim.step(1e-4, m, grads));
+        let mut accumulator = GradientsAccumulator::new();
+        let (inputs, targets) = (inputs.clone(), targets.clone());
+        let chunk = options.recompute_chunk;
+        m.accumulate_gradients(inputs, targets, None, 1.0, chunk, &mut accumulator);
+        model = Some(optim.step(1e-4, m, accumulator.grads()));
         // asynchronous backends finish the step before the clock stops
         let _ = B::sync(device);
     });

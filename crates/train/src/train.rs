@@ -5,12 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
 use polysketch_attention::PolysketchBackend;
-use polysketch_data::TokenBatch;
 use polysketch_model::LanguageModel;
 use serde_json::json;
 
@@ -192,24 +190,15 @@ where
         for micro in 0..t.grad_accum {
             let index = step * t.grad_accum as u64 + micro as u64;
             let batch = train_batches.batch(index, t.batch_size);
-            let scale = 1.0 / t.grad_accum as f64;
-            if t.recompute {
-                let (inputs, targets) = batch.to_tensors::<B>(&device);
-                let weights = batch.weights_tensor::<B>(&device);
-                step_loss += trainer.model.recomputed_gradients(
-                    inputs,
-                    targets,
-                    weights,
-                    scale,
-                    t.recompute_chunk,
-                    &mut accumulator,
-                );
-            } else {
-                let loss = batch_loss(&trainer.model, &batch, &device) * scale;
-                step_loss += loss.clone().into_scalar().elem::<f64>();
-                let grads = GradientsParams::from_grads(loss.backward(), &trainer.model);
-                accumulator.accumulate(&trainer.model, grads);
-            }
+            let (inputs, targets) = batch.to_tensors::<B>(&device);
+            step_loss += trainer.model.accumulate_gradients(
+                inputs,
+                targets,
+                batch.weights_tensor::<B>(&device),
+                1.0 / t.grad_accum as f64,
+                t.recompute.then_some(t.recompute_chunk),
+                &mut accumulator,
+            );
         }
         let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm::<B, _>(&trainer.model, &mut grads, t.grad_clip);
@@ -317,26 +306,6 @@ where
 
 /// Non-finite steps skipped in a row before a run with `skip_nonfinite_steps` gives up.
 const MAX_SKIPPED_IN_A_ROW: u32 = 10;
-
-/// Mean validation loss of the model without autodiff.
-/// Mean loss of a training batch over its weighted targets (all targets for text).
-///
-/// # Shapes
-/// - returns `[1]`
-fn batch_loss<B: PolysketchBackend>(
-    model: &LanguageModel<B>,
-    batch: &TokenBatch,
-    device: &B::Device,
-) -> Tensor<B, 1> {
-    let (inputs, targets) = batch.to_tensors::<B>(device);
-    match batch.weights_tensor::<B>(device) {
-        None => model.loss(inputs, targets),
-        Some(weights) => {
-            let total = weights.clone().sum();
-            (model.token_losses(inputs, targets) * weights).sum() / total
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

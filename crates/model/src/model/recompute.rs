@@ -72,6 +72,31 @@ where
     B: AutodiffBackend + PolysketchBackend,
     B::InnerBackend: PolysketchBackend,
 {
+    /// The gradient of `scale ×` [`LanguageModel::weighted_loss`], added into `accumulator`:
+    /// with every block recomputed ([`LanguageModel::recomputed_gradients`], `chunk` positions
+    /// at a time) when `recompute_chunk` is given, else by the ordinary backward pass. Returns
+    /// `scale ×` the loss.
+    ///
+    /// # Shapes
+    /// - `inputs`, `targets`, `weights`: `[batch, seq]`
+    pub fn accumulate_gradients(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        weights: Option<Tensor<B, 2>>,
+        scale: f64,
+        recompute_chunk: Option<usize>,
+        accumulator: &mut GradientsAccumulator<Self>,
+    ) -> f64 {
+        if let Some(chunk) = recompute_chunk {
+            return self.recomputed_gradients(inputs, targets, weights, scale, chunk, accumulator);
+        }
+        let loss = self.weighted_loss(inputs, targets, weights) * scale;
+        let value = loss.clone().into_scalar().elem::<f64>();
+        accumulator.accumulate(self, GradientsParams::from_grads(loss.backward(), self));
+        value
+    }
+
     /// The gradient of `scale ×` the mean cross-entropy of `targets` after `inputs` (weighted
     /// by `weights` when given, as `Σ w·loss / Σ w`), added into `accumulator`, with every
     /// block recomputed during the backward pass (see the module documentation). Token-wise
