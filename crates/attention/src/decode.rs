@@ -85,7 +85,7 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
     }
 }
 
-impl<B: Backend> AttentionKernel<B> {
+impl<B: PolysketchBackend> AttentionKernel<B> {
     /// The decoding cache after the tokens of a whole prompt.
     ///
     /// # Shapes

@@ -66,7 +66,9 @@ impl<B: Backend> AttentionKernel<B> {
     pub fn random_sketch(&self) -> Option<&RandomSketch<B>> {
         self.random.as_ref()
     }
+}
 
+impl<B: PolysketchBackend> AttentionKernel<B> {
     /// Sketch features of (possibly normalised) head vectors; the same map for queries and
     /// keys.
     ///
@@ -206,7 +208,7 @@ impl<B: PolysketchBackend> AttentionKernel<B> {
     }
 }
 
-impl<B: Backend> AttentionKernel<B> {
+impl<B: PolysketchBackend> AttentionKernel<B> {
     /// The token-wise half: normalisations and sketches of each token's query and key, with
     /// nothing mixed across tokens.
     ///
@@ -234,7 +236,7 @@ impl<B: Backend> AttentionKernel<B> {
     }
 }
 
-impl<B: Backend> AttentionKernel<B> {
+impl<B: PolysketchBackend> AttentionKernel<B> {
     /// What the polysketch block algorithm consumes: sketch features of queries and keys, and
     /// with exact local blocks the normalised queries and keys with the degree.
     ///

@@ -26,6 +26,7 @@
 
 mod blockwise;
 mod config;
+mod cpu;
 mod decode;
 #[cfg(feature = "kernels")]
 pub mod gpu;
@@ -34,6 +35,7 @@ pub mod lean;
 mod ops;
 pub mod reference;
 mod sketch;
+pub mod sketch_level;
 
 pub use blockwise::PolysketchSaved;
 pub use config::{AttentionConfig, AttentionKind, ConfigError, SketchKind, SketchScaling};

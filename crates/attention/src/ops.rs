@@ -15,6 +15,9 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 use crate::blockwise::{blockwise_backward, blockwise_forward, PolysketchSaved};
 use crate::lean::{lean_attention_backward, lean_attention_forward, CausalWeights};
+use crate::sketch_level::{
+    sketch_level_backward_primitive, sketch_level_primitive, track_sketch_level, SketchLevelWeights,
+};
 
 /// Exact local blocks: normalised queries and keys whose `degree`-th power of the dot product
 /// replaces the sketched weight inside each diagonal block.
@@ -180,6 +183,33 @@ pub trait PolysketchBackend: Backend {
         )
         .map(unwrap)
     }
+
+    /// One level of the learned sketch, `W2 · gelu_tanh(W1 · LN(x))` (ALGORITHM.md §3), which
+    /// under autodiff keeps only its input and weights (see [`crate::sketch_level`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, in_dim]`, weights as in [`SketchLevelWeights`]
+    /// - returns `[rows, sketch_dim]`
+    fn sketch_level(
+        x: FloatTensor<Self>,
+        weights: SketchLevelWeights<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        sketch_level_primitive::<Self>(x, weights)
+    }
+
+    /// Gradients of [`PolysketchBackend::sketch_level`] with respect to its input and weights.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, in_dim]`, weights as in [`SketchLevelWeights`]
+    /// - `grad_output`: `[rows, sketch_dim]`
+    /// - returns `[rows, in_dim]` and one gradient per weight, each of its weight's shape
+    fn sketch_level_backward(
+        x: FloatTensor<Self>,
+        weights: SketchLevelWeights<FloatTensor<Self>>,
+        grad_output: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, SketchLevelWeights<FloatTensor<Self>>) {
+        sketch_level_backward_primitive::<Self>(x, weights, grad_output)
+    }
 }
 
 /// [`PolysketchBackend::polysketch_forward`] composed from tensor operations, one block at a time.
@@ -254,9 +284,31 @@ fn unwrap<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-impl PolysketchBackend for NdArray<f32> {}
+/// The CPU backend: the composed operations, except the learned sketch's levels, which run over
+/// plain arrays (see [`crate::cpu`]).
+macro_rules! cpu_backend {
+    ($float:ty) => {
+        impl PolysketchBackend for NdArray<$float> {
+            fn sketch_level(
+                x: FloatTensor<Self>,
+                weights: SketchLevelWeights<FloatTensor<Self>>,
+            ) -> FloatTensor<Self> {
+                crate::cpu::sketch_level::<Self, $float>(x, weights)
+            }
 
-impl PolysketchBackend for NdArray<f64> {}
+            fn sketch_level_backward(
+                x: FloatTensor<Self>,
+                weights: SketchLevelWeights<FloatTensor<Self>>,
+                grad_output: FloatTensor<Self>,
+            ) -> (FloatTensor<Self>, SketchLevelWeights<FloatTensor<Self>>) {
+                crate::cpu::sketch_level_backward::<Self, $float>(x, weights, grad_output)
+            }
+        }
+    };
+}
+
+cpu_backend!(f32);
+cpu_backend!(f64);
 
 /// Backward step of lean attention: keeps the inputs, the output and the row statistic.
 #[derive(Debug)]
@@ -404,6 +456,13 @@ impl<B: PolysketchBackend, C: CheckpointStrategy> PolysketchBackend for Autodiff
                 chunk,
             )),
         }
+    }
+
+    fn sketch_level(
+        x: FloatTensor<Self>,
+        weights: SketchLevelWeights<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        track_sketch_level::<B, C>(x, weights)
     }
 }
 

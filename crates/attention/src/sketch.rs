@@ -6,6 +6,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{AttentionConfig, SketchKind, SketchScaling};
+use crate::ops::PolysketchBackend;
+use crate::sketch_level::{sketch_level, SketchLevelWeights, SKETCH_NORM_EPSILON};
 
 /// SplitMix64 step: decorrelates nearby seeds such as `(seed, layer)` pairs.
 fn splitmix64(mut x: u64) -> u64 {
@@ -178,14 +180,42 @@ impl<B: Backend> SketchFeedForward<B> {
     fn new(input: usize, sketch_dim: usize, device: &B::Device) -> Self {
         let hidden = 8 * sketch_dim;
         Self {
-            norm: LayerNormConfig::new(input).with_epsilon(1e-5).init(device),
+            norm: LayerNormConfig::new(input).with_epsilon(SKETCH_NORM_EPSILON).init(device),
             up: LinearConfig::new(input, hidden).with_bias(false).init(device),
             down: LinearConfig::new(hidden, sketch_dim).with_bias(false).init(device),
         }
     }
 
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// The level through Burn's own modules, differentiated op by op.
+    fn forward_modules(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         self.down.forward(gelu_tanh(self.up.forward(self.norm.forward(x))))
+    }
+
+    /// The weights as the sketch-level operation takes them.
+    fn weights(&self) -> SketchLevelWeights<Tensor<B, 2>> {
+        let gamma = self.norm.gamma.val();
+        let in_dim = gamma.dims()[0];
+        let beta = match &self.norm.beta {
+            Some(beta) => beta.val(),
+            None => gamma.zeros_like(),
+        };
+        SketchLevelWeights {
+            gamma: gamma.reshape([1, in_dim]),
+            beta: beta.reshape([1, in_dim]),
+            up: self.up.weight.val(),
+            down: self.down.weight.val(),
+        }
+    }
+}
+
+impl<B: PolysketchBackend> SketchFeedForward<B> {
+    /// The level through the backend's sketch-level operation.
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, heads, seq, in_dim] = x.dims();
+        let rows = x.reshape([batch * heads * seq, in_dim]);
+        let out = sketch_level(rows, self.weights());
+        let sketch_dim = out.dims()[1];
+        out.reshape([batch, heads, seq, sketch_dim])
     }
 }
 
@@ -214,7 +244,59 @@ impl<B: Backend> LearnedSketch<B> {
         }
     }
 
-    /// Sketch features `φ(x)`.
+    /// `φ = sqrt(r) · tanh(a ∘ b / sqrt(r))` from the two networks' outputs.
+    fn combine(&self, a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+        let root = (self.sketch_dim as f64).sqrt();
+        tanh(a * b / root) * root
+    }
+
+    /// Sketch features `φ(x)` through Burn's own modules (LayerNorm, Linear) under ordinary
+    /// autodiff: the reference that [`LearnedSketch::forward`] is tested against.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, head_dim]`
+    /// - returns `[batch, heads, seq, sketch_dim]`
+    pub fn forward_reference(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let a = self.a2.forward_modules(self.a1.forward_modules(x.clone()));
+        let b = self.b2.forward_modules(self.b1.forward_modules(x));
+        self.combine(a, b)
+    }
+
+    /// Applies `f` to every parameter tensor, vectors as `[1, len]` matrices (a test replacing
+    /// the weights, for instance). The parameters stay trainable whatever `f` returns.
+    pub fn map_parameters(self, mut f: impl FnMut(Tensor<B, 2>) -> Tensor<B, 2>) -> Self {
+        fn trainable_like<B: Backend, const D: usize>(
+            old: &Tensor<B, D>,
+            new: Tensor<B, D>,
+        ) -> Tensor<B, D> {
+            let trainable = old.is_require_grad();
+            new.detach().set_require_grad(trainable)
+        }
+        let mut level = |l: SketchFeedForward<B>| {
+            let SketchFeedForward { mut norm, mut up, mut down } = l;
+            let mut vector = |t: Tensor<B, 1>| {
+                let dims = t.dims();
+                trainable_like(&t, f(t.clone().unsqueeze()).reshape(dims))
+            };
+            norm.gamma = norm.gamma.map(&mut vector);
+            norm.beta = norm.beta.map(|b| b.map(&mut vector));
+            up.weight = up.weight.map(|t| trainable_like(&t, f(t.clone())));
+            down.weight = down.weight.map(|t| trainable_like(&t, f(t.clone())));
+            SketchFeedForward { norm, up, down }
+        };
+        Self {
+            a1: level(self.a1),
+            a2: level(self.a2),
+            b1: level(self.b1),
+            b2: level(self.b2),
+            sketch_dim: self.sketch_dim,
+        }
+    }
+}
+
+impl<B: PolysketchBackend> LearnedSketch<B> {
+    /// Sketch features `φ(x)`, each network level through the backend's sketch-level
+    /// operation.
     ///
     /// # Shapes
     /// - `x`: `[batch, heads, seq, head_dim]`
@@ -222,8 +304,7 @@ impl<B: Backend> LearnedSketch<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let a = self.a2.forward(self.a1.forward(x.clone()));
         let b = self.b2.forward(self.b1.forward(x));
-        let root = (self.sketch_dim as f64).sqrt();
-        tanh(a * b / root) * root
+        self.combine(a, b)
     }
 }
 
