@@ -60,7 +60,7 @@ macro_rules! cpu_float {
 cpu_float!(f32);
 cpu_float!(f64);
 
-/// A matrix's values in row-major order and its shape; no copy when the buffer is not shared.
+/// A matrix as a row-major array; no copy when the buffer is not shared.
 fn into_matrix<B: Backend, E: CpuFloat>(t: FloatTensor<B>) -> Array2<E> {
     let t = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
     let [rows, cols] = t.dims();
