@@ -13,7 +13,8 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, LinalgScalar, ScalarOperand};
 
-use crate::sketch_level::{SketchLevelWeights, GELU_CUBIC, SKETCH_NORM_EPSILON};
+use crate::sketch::GELU_CUBIC;
+use crate::sketch_level::{SketchLevelWeights, SKETCH_NORM_EPSILON};
 
 /// Floats of the CPU sketch level: `f32` and `f64`.
 pub(crate) trait CpuFloat:

@@ -61,10 +61,14 @@ pub(crate) fn tanh<B: Backend, const D: usize>(z: Tensor<B, D>) -> Tensor<B, D> 
     (e + 1.0).recip() * -2.0 + 1.0
 }
 
+/// Coefficient of the cubic term inside the tanh approximation of GELU.
+pub const GELU_CUBIC: f64 = 0.044715;
+
 /// The tanh approximation of GELU, `x/2 · (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
 pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let inner =
-        x.clone() * (x.clone() * x.clone() * 0.044715 + 1.0) * (2.0 / std::f64::consts::PI).sqrt();
+    let inner = x.clone()
+        * (x.clone() * x.clone() * GELU_CUBIC + 1.0)
+        * (2.0 / std::f64::consts::PI).sqrt();
     x * (tanh(inner) + 1.0) * 0.5
 }
 
@@ -195,10 +199,7 @@ impl<B: Backend> SketchFeedForward<B> {
     fn weights(&self) -> SketchLevelWeights<Tensor<B, 2>> {
         let gamma = self.norm.gamma.val();
         let in_dim = gamma.dims()[0];
-        let beta = match &self.norm.beta {
-            Some(beta) => beta.val(),
-            None => gamma.zeros_like(),
-        };
+        let beta = self.norm.beta.as_ref().expect("sketch LayerNorms are built with a bias").val();
         SketchLevelWeights {
             gamma: gamma.reshape([1, in_dim]),
             beta: beta.reshape([1, in_dim]),
@@ -260,37 +261,6 @@ impl<B: Backend> LearnedSketch<B> {
         let a = self.a2.forward_modules(self.a1.forward_modules(x.clone()));
         let b = self.b2.forward_modules(self.b1.forward_modules(x));
         self.combine(a, b)
-    }
-
-    /// Applies `f` to every parameter tensor, vectors as `[1, len]` matrices (a test replacing
-    /// the weights, for instance). The parameters stay trainable whatever `f` returns.
-    pub fn map_parameters(self, mut f: impl FnMut(Tensor<B, 2>) -> Tensor<B, 2>) -> Self {
-        fn trainable_like<B: Backend, const D: usize>(
-            old: &Tensor<B, D>,
-            new: Tensor<B, D>,
-        ) -> Tensor<B, D> {
-            let trainable = old.is_require_grad();
-            new.detach().set_require_grad(trainable)
-        }
-        let mut level = |l: SketchFeedForward<B>| {
-            let SketchFeedForward { mut norm, mut up, mut down } = l;
-            let mut vector = |t: Tensor<B, 1>| {
-                let dims = t.dims();
-                trainable_like(&t, f(t.clone().unsqueeze()).reshape(dims))
-            };
-            norm.gamma = norm.gamma.map(&mut vector);
-            norm.beta = norm.beta.map(|b| b.map(&mut vector));
-            up.weight = up.weight.map(|t| trainable_like(&t, f(t.clone())));
-            down.weight = down.weight.map(|t| trainable_like(&t, f(t.clone())));
-            SketchFeedForward { norm, up, down }
-        };
-        Self {
-            a1: level(self.a1),
-            a2: level(self.a2),
-            b1: level(self.b1),
-            b2: level(self.b2),
-            sketch_dim: self.sketch_dim,
-        }
     }
 }
 

@@ -21,7 +21,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use crate::ops::PolysketchBackend;
-use crate::sketch::{gelu_tanh, tanh};
+use crate::sketch::{gelu_tanh, tanh, GELU_CUBIC};
 
 /// Epsilon of the LayerNorm that starts every sketch level.
 pub const SKETCH_NORM_EPSILON: f64 = 1e-5;
@@ -97,9 +97,6 @@ pub(crate) fn gelu_backward_composed<B: Backend>(
     let slope = half_one_plus_t + u * one_minus_t2 * (u2 * (3.0 * GELU_CUBIC) + 1.0) * (0.5 * c);
     (gelu, grad * slope)
 }
-
-/// Coefficient of the cubic term inside the tanh approximation of GELU.
-pub const GELU_CUBIC: f64 = 0.044715;
 
 /// Row ranges `start..end` of at most [`SKETCH_LEVEL_ROWS`] rows covering `rows`.
 fn row_spans(rows: usize) -> impl Iterator<Item = (usize, usize)> {

@@ -6,7 +6,7 @@ mod common;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use common::*;
@@ -46,17 +46,31 @@ fn parameter_gradients<B: AutodiffBackend>(
     visitor.found
 }
 
+/// Replaces every float parameter by fixed normal values (`0.7` standard deviation), one seed
+/// per parameter in visiting order, keeping it trainable.
+struct FixedValues {
+    seed: u64,
+}
+
+impl<B: Backend> ModuleMapper<B> for FixedValues {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        self.seed += 1;
+        let shape = tensor.shape();
+        let values: Vec<f64> =
+            normals(shape.num_elements(), self.seed).into_iter().map(|v| 0.7 * v).collect();
+        let fixed = Tensor::from_data(TensorData::new(values, shape), &tensor.device())
+            .set_require_grad(tensor.is_require_grad());
+        Param::from_mapped_value(id, fixed, mapper)
+    }
+}
+
 /// A learned sketch whose weights are all replaced by fixed normal values: the same on every
 /// backend, and far from the initial unit gains and zero biases, which would hide a wrong
 /// LayerNorm gradient.
 fn fixed_sketch<B: Backend>(head_dim: usize, sketch_dim: usize) -> LearnedSketch<B> {
-    let mut seed = 100;
-    LearnedSketch::<B>::new(head_dim, sketch_dim, &Default::default()).map_parameters(|t| {
-        seed += 1;
-        let [rows, cols] = t.dims();
-        let values = normals(rows * cols, seed).into_iter().map(|v| 0.7 * v).collect::<Vec<_>>();
-        Tensor::from_data(TensorData::new(values, [rows, cols]), &t.device())
-    })
+    LearnedSketch::<B>::new(head_dim, sketch_dim, &Default::default())
+        .map(&mut FixedValues { seed: 100 })
 }
 
 /// Loss, input gradient and parameter gradients of one sketch.
